@@ -1,0 +1,52 @@
+# Everything from a fresh clone: `make test` (venv, install, build, pytest, ctest)
+# and `make demo`. Override VENV to keep the environment elsewhere.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CMAKE_BUILD ?= build/cmake
+DEPS_STAMP := $(VENV)/.lotus-deps
+EXT_STAMP := $(VENV)/.lotus-ext
+EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
+
+.PHONY: test demo install pytest ctest bench info clean
+
+test: install ctest
+	$(PY) -m pytest tests/
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+demo: install
+	$(PY) -m lotus_kernels.demo
+
+bench: install
+	$(PY) -m pytest bench/ --benchmark-only
+
+info: install
+	$(PY) -m lotus_kernels.info
+
+install: $(EXT_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# What setup.py imports must be there before a --no-build-isolation build;
+# the editable install then brings the package's own dependencies.
+$(DEPS_STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet "torch>=2.11" "setuptools>=64" wheel ninja pybind11
+	$(PIP) install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+# Rebuild the extension when its sources change (ninja recompiles only what changed).
+$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+ctest: $(DEPS_STAMP)
+	mkdir -p $(dir $(CMAKE_BUILD))
+	cmake -S . -B $(CMAKE_BUILD) -DPython3_EXECUTABLE=$(abspath $(PY)) > $(CMAKE_BUILD).configure.log 2>&1 \
+		|| (cat $(CMAKE_BUILD).configure.log; exit 1)
+	cmake --build $(CMAKE_BUILD) --parallel $$(nproc)
+
+clean:
+	rm -rf build lotus_kernels/_C*.so $(DEPS_STAMP) $(EXT_STAMP)
