@@ -1,0 +1,13 @@
+"""lotus_kernels: sparse kernels for Vision Transformers (LOTUS, arXiv 2405.00906).
+
+Public API: SparseLinear, SparsityConfig, sparsify_, densify_,
+sparsity_summary; submodules masks (keep-mask construction) and ops (the
+compiled mask-compaction ops). Importing never needs a GPU and never fails
+because the extension is missing: ops that need it say so when called.
+"""
+
+from . import masks, ops
+from .nn import SparseLinear, SparsityConfig, densify_, sparsify_, sparsity_summary
+
+__version__ = "0.1.0"
+__all__ = ["SparseLinear", "SparsityConfig", "sparsify_", "densify_", "sparsity_summary", "masks", "ops"]

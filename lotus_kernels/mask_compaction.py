@@ -1,0 +1,142 @@
+"""Pure-PyTorch references for the mask-compaction ops of ``csrc/mask_compaction.cpp``.
+
+Same layouts as the extension (see ``csrc/mask_compaction.h``), any device,
+differentiable where that makes sense (``decompress_2to4_ref`` w.r.t. the
+values). Tests compare the extension against these with exact equality; the
+reference SparseLinear backend uses ``decompress_2to4_ref`` and
+``bsr_to_dense_ref`` to rebuild its dense weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUPS_PER_META_WORD = 8  # 2:4 metadata: eight 4-bit group codes per int32 word
+
+
+def keep_indices_ref(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep_mask [B, N] bool -> (indices [B, N] int32, counts [B] int32).
+
+    Row b's first counts[b] indices are its kept positions in ascending order;
+    the rest are -1.
+    """
+    rows, n = keep_mask.shape
+    counts = keep_mask.sum(1)
+    # A stable sort on "dropped" puts kept positions first, still ascending.
+    order = torch.sort((~keep_mask).to(torch.uint8), dim=1, stable=True).indices
+    position = torch.arange(n, device=keep_mask.device).expand(rows, n)
+    indices = torch.where(position < counts[:, None], order, -1)
+    return indices.to(torch.int32), counts.to(torch.int32)
+
+
+def dense_to_bsr_ref(
+    weight: torch.Tensor, block_mask: torch.Tensor, block_rows: int, block_cols: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [R, C], block_mask [R/bh, C/bw] bool -> (crow [R/bh+1], col [nnz], values [nnz, bh, bw]).
+
+    Kept blocks are copied verbatim (pass the masked weight); indices are int64.
+    """
+    rows, cols = weight.shape
+    br, bc = rows // block_rows, cols // block_cols
+    blocks = weight.reshape(br, block_rows, bc, block_cols).transpose(1, 2)  # [br, bc, bh, bw]
+    block_row, block_col = block_mask.nonzero(as_tuple=True)  # row-major order
+    crow = torch.zeros(br + 1, dtype=torch.int64, device=weight.device)
+    crow[1:] = block_mask.sum(1).cumsum(0)
+    return crow, block_col, blocks[block_row, block_col].contiguous()
+
+
+def bsr_row_indices(crow_indices: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Block row of every stored block: [nnz] int64 (the inverse of the row pointer)."""
+    block_rows = torch.arange(crow_indices.numel() - 1, device=crow_indices.device)
+    return torch.repeat_interleave(block_rows, crow_indices.diff(), output_size=nnz)
+
+
+def bsr_transpose_ref(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BSR of W [R, C] -> BSR of W^T [C, R]: blocks [bw, bh], each transposed, column-sorted."""
+    rows, cols = shape
+    nnz, bh, bw = values.shape
+    br, bc = rows // bh, cols // bw
+    block_row = bsr_row_indices(crow_indices, nnz)
+    order = torch.argsort(col_indices * br + block_row)  # keys are unique: order is deterministic
+    crow_t = torch.zeros(bc + 1, dtype=torch.int64, device=values.device)
+    crow_t[1:] = torch.bincount(col_indices, minlength=bc).cumsum(0)
+    return crow_t, block_row[order], values[order].transpose(1, 2).contiguous()
+
+
+def bsr_to_dense_ref(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """BSR triple -> dense [R, C]; differentiable w.r.t. ``values`` (gradient only at stored blocks)."""
+    rows, cols = shape
+    nnz, bh, bw = values.shape
+    block_row = bsr_row_indices(crow_indices, nnz)
+    dense = values.new_zeros(rows // bh, cols // bw, bh, bw)
+    dense = dense.index_put((block_row, col_indices), values)
+    return dense.transpose(1, 2).reshape(rows, cols)
+
+
+def compress_2to4_ref(
+    weight: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [R, C] (C % 4 == 0), optional keep-mask -> (values [R, C/2], metadata [R, ceil(C/32)] int32).
+
+    Kept slots per group of 4: the mask's true entries, or the nonzero weights
+    without a mask. More than two raises ValueError; fewer are padded with the
+    lowest free slots, stored as +0.
+    """
+    rows, cols = weight.shape
+    groups = cols // 4
+    w = weight.reshape(rows, groups, 4)
+    keep = (w != 0) if mask is None else mask.reshape(rows, groups, 4)
+    kept = keep.sum(-1)
+    if bool((kept > 2).any()):
+        r, g = (kept > 2).nonzero()[0].tolist()
+        what = "nonzero weights" if mask is None else "entries in mask"
+        raise ValueError(
+            f"compress_2to4: row {r}, columns {4 * g}..{4 * g + 3} keep {int(kept[r, g])} {what}; "
+            "2:4 allows at most 2 in every group of 4 along in_features"
+        )
+    slot = torch.arange(4, device=weight.device)
+    # Kept slots rank first, then free slots by position; take two, ascending.
+    rank = (~keep).to(torch.int64) * 4 + slot
+    slots = rank.argsort(-1)[..., :2].sort(-1).values  # [R, G, 2]
+    real = keep.gather(-1, slots)
+    values = torch.where(real, w.gather(-1, slots), torch.zeros((), dtype=weight.dtype, device=weight.device))
+    codes = slots[..., 0] | (slots[..., 1] << 2)  # [R, G]
+    words = -(-groups // GROUPS_PER_META_WORD)
+    codes = torch.nn.functional.pad(codes, (0, words * GROUPS_PER_META_WORD - groups))
+    shifts = 4 * torch.arange(GROUPS_PER_META_WORD, device=weight.device)
+    packed = (codes.reshape(rows, words, GROUPS_PER_META_WORD) << shifts).sum(-1)
+    # uint32 bit pattern stored as int32 (two's complement wrap of the top bit).
+    metadata = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return values.reshape(rows, cols // 2), metadata
+
+
+def unpack_2to4_slots(metadata: torch.Tensor, cols: int) -> torch.Tensor:
+    """metadata [R, ceil(C/32)] int32 -> kept slots [R, C/4, 2] int64 (0..3, ascending per group)."""
+    rows = metadata.shape[0]
+    groups = cols // 4
+    shifts = 4 * torch.arange(GROUPS_PER_META_WORD, device=metadata.device)
+    words = metadata.to(torch.int64) & 0xFFFFFFFF
+    codes = ((words[..., None] >> shifts) & 0xF).reshape(rows, -1)[:, :groups]
+    return torch.stack([codes & 3, codes >> 2], dim=-1)
+
+
+def decompress_2to4_ref(values: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+    """values [R, C/2], metadata [R, ceil(C/32)] int32 -> weight [R, C]; differentiable w.r.t. values."""
+    rows, half = values.shape
+    cols = 2 * half
+    slots = unpack_2to4_slots(metadata, cols)
+    bad = slots[..., 0] >= slots[..., 1]
+    if bool(bad.any()):
+        r, g = bad.nonzero()[0].tolist()
+        i0, i1 = slots[r, g].tolist()
+        raise ValueError(
+            f"decompress_2to4: metadata row {r} group {g} codes slots ({i0}, {i1}); "
+            "a valid code holds two ascending slots"
+        )
+    dense = values.new_zeros(rows, cols // 4, 4)
+    dense = dense.scatter(-1, slots, values.reshape(rows, cols // 4, 2))
+    return dense.reshape(rows, cols)

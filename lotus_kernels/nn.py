@@ -1,0 +1,577 @@
+"""SparseLinear, a drop-in nn.Linear that stores only its kept weights, and model swapping.
+
+Storage per pattern (all of it in state_dict; the trainable tensor is the
+compact ``values``, so pruned weights are not parameters at all and stay
+exactly zero under any optimizer, weight decay and momentum included):
+
+=============  =====================================  ====================================
+pattern        parameters                             buffers
+=============  =====================================  ====================================
+"block"        values [nnz_blocks, bh, bw]            crow_indices [out/bh+1] int64,
+                                                      col_indices [nnz_blocks] int64
+"2:4"          values [out, in/2]                     metadata [out, ceil(in/32)] int32
+"unstructured" values [nnz] (row-major kept weights)  packed_mask [out, ceil(in/8)] uint8
+=============  =====================================  ====================================
+
+Layouts are those of ``lotus_kernels.ops`` (csrc/mask_compaction.h); the
+unstructured mask is packed 8 columns per byte, column j at bit j % 8 of byte
+j // 8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import backends, ops
+from .mask_compaction import bsr_row_indices, bsr_to_dense_ref, compress_2to4_ref, decompress_2to4_ref, unpack_2to4_slots
+from .masks import (
+    PATTERNS,
+    block_mask,
+    block_shape,
+    check_mask,
+    check_sparsity,
+    check_tensor,
+    expand_block_mask,
+    magnitude_mask,
+    nm_mask,
+    reduce_block_mask,
+)
+
+__all__ = [
+    "SparseLinear",
+    "SparsityConfig",
+    "sparsify_",
+    "densify_",
+    "sparsity_summary",
+    "default_filter",
+    "SparsitySummary",
+    "LayerSummary",
+]
+
+# Linear layers of a transformer block that pruning targets (timm names).
+PRUNABLE_LAYER_NAMES = frozenset({"qkv", "q", "k", "v", "kv", "proj", "fc1", "fc2"})
+# What the compaction ops accept (see csrc/mask_compaction.cpp: check_floating).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STATE_VERSION = 1
+
+
+def _check_pattern(pattern) -> str:
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+    return pattern
+
+
+def _check_features(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _check_layout(pattern: str, in_features: int, out_features: int, block_size: tuple[int, int]) -> None:
+    if pattern == "2:4" and in_features % 4:
+        raise ValueError(f"pattern '2:4' needs in_features divisible by 4, got in_features={in_features}")
+    if pattern == "block" and (out_features % block_size[0] or in_features % block_size[1]):
+        raise ValueError(
+            f"pattern 'block' needs (out_features, in_features) = ({out_features}, {in_features}) "
+            f"divisible by block_size {block_size}"
+        )
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [R, C] -> uint8 [R, ceil(C/8)], column j at bit j % 8 of byte j // 8."""
+    rows, cols = mask.shape
+    padded = nn.functional.pad(mask.to(torch.uint8), (0, -cols % 8))
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    return (padded.reshape(rows, -1, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 [R, ceil(C/8)] -> bool [R, C]."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    return ((packed[..., None] >> shifts) & 1).bool().reshape(packed.shape[0], -1)[:, :cols]
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W^T + b with W [out_features, in_features] stored compactly (see module docstring).
+
+    Build one with ``SparseLinear.from_dense(linear, pattern, ...)``. The
+    constructor makes an all-zero weight of the right layout (block and
+    unstructured: nothing kept; 2:4: slots 0 and 1 of every group kept, zero),
+    sized later by ``load_state_dict``.
+
+    x: [..., in_features] of the weight's dtype (or any dtype under autocast)
+    -> [..., out_features].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        pattern: str = "unstructured",
+        block_size=32,
+        backend: str = "auto",
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features = _check_features(in_features, "in_features")
+        self.out_features = _check_features(out_features, "out_features")
+        self.pattern = _check_pattern(pattern)
+        self.block_size = block_shape(block_size)
+        _check_layout(self.pattern, in_features, out_features, self.block_size)
+        self.backend = backends.check_backend_name(backend)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+        factory = {"device": device, "dtype": dtype}
+        index = {"device": device, "dtype": torch.int64}
+        out, inp = out_features, in_features
+        if pattern == "block":
+            bh, bw = self.block_size
+            self.values = nn.Parameter(torch.empty(0, bh, bw, **factory))
+            self.register_buffer("crow_indices", torch.zeros(out // bh + 1, **index))
+            self.register_buffer("col_indices", torch.zeros(0, **index))
+        elif pattern == "2:4":
+            values, metadata = compress_2to4_ref(torch.zeros(out, inp, **factory))
+            self.values = nn.Parameter(values)
+            self.register_buffer("metadata", metadata)
+        else:
+            self.values = nn.Parameter(torch.empty(0, **factory))
+            self.register_buffer(
+                "packed_mask", torch.zeros(out, math.ceil(inp / 8), device=device, dtype=torch.uint8)
+            )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out, **factory))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ build
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        pattern: str = "2:4",
+        sparsity: float | None = None,
+        block_size=32,
+        mask: torch.Tensor | None = None,
+        backend: str = "auto",
+    ) -> "SparseLinear":
+        """Prune ``linear`` and store it compactly; the bias is kept as is.
+
+        pattern "unstructured" | "block": give ``sparsity`` (magnitude pruning,
+        by |w| or block L2 norm, exact counts; see lotus_kernels.masks) or a
+        ``mask``. pattern "2:4": ``sparsity`` must be None or 0.5; the mask is
+        ``nm_mask(w)`` unless given, and a given mask must keep exactly 2 of
+        every 4. A block mask must be constant on every block.
+        mask: bool [out_features, in_features], True = keep.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        _check_pattern(pattern)
+        weight = check_tensor(linear.weight.detach(), "linear.weight", dim=2)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            pattern=pattern,
+            block_size=block_size,
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        module.set_weight_(weight, module._resolve_mask(weight, sparsity, mask))
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def _resolve_mask(self, weight: torch.Tensor, sparsity, mask) -> torch.Tensor:
+        if self.pattern == "2:4":
+            if sparsity is not None and check_sparsity(sparsity) != 0.5:
+                raise ValueError(f"pattern '2:4' has sparsity 0.5, got sparsity={sparsity!r}")
+            if mask is None:
+                return nm_mask(weight, 2, 4)
+            mask = check_mask(mask, weight)
+            kept = mask.reshape(mask.shape[0], -1, 4).sum(-1)
+            if bool((kept != 2).any()):
+                r, g = (kept != 2).nonzero()[0].tolist()
+                raise ValueError(
+                    f"mask must keep exactly 2 of every 4 for pattern '2:4'; row {r}, columns "
+                    f"{4 * g}..{4 * g + 3} keep {int(kept[r, g])} (use pattern 'unstructured' for other masks)"
+                )
+            return mask
+        if (sparsity is None) == (mask is None):
+            raise ValueError(f"pattern {self.pattern!r} needs exactly one of sparsity or mask")
+        if mask is not None:
+            mask = check_mask(mask, weight)
+            if self.pattern == "block":
+                reduce_block_mask(mask, self.block_size, strict=True)  # raises if not block-structured
+            return mask
+        if self.pattern == "block":
+            return block_mask(weight, sparsity, self.block_size)
+        return magnitude_mask(weight, sparsity)
+
+    @torch.no_grad()
+    def set_weight_(self, weight: torch.Tensor, mask: torch.Tensor) -> "SparseLinear":
+        """Replace the stored weight by ``weight * mask`` (weight [out, in], mask bool [out, in]).
+
+        The mask must fit the pattern (see from_dense). Creates new
+        parameters: build optimizers after calling this.
+        """
+        check_tensor(weight, "weight", dim=2)
+        mask = check_mask(mask, weight)
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight must have shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
+            )
+        weight = weight.to(self.values.dtype)
+        if self.pattern == "block":
+            crow, col, values = ops.dense_to_bsr(weight, mask, self.block_size)
+            self.crow_indices, self.col_indices = crow, col
+        elif self.pattern == "2:4":
+            values, self.metadata = ops.compress_2to4(weight, mask)
+        else:
+            values = weight.masked_select(mask)
+            self.packed_mask = _pack_bits(mask)
+        self.values = nn.Parameter(values)
+        return self
+
+    # ----------------------------------------------------------------- views
+
+    def to_dense(self) -> torch.Tensor:
+        """The masked dense weight [out, in]; differentiable w.r.t. ``values``."""
+        shape = (self.out_features, self.in_features)
+        if self.pattern == "block":
+            return bsr_to_dense_ref(self.crow_indices, self.col_indices, self.values, shape)
+        if self.pattern == "2:4":
+            return decompress_2to4_ref(self.values, self.metadata)
+        dense = self.values.new_zeros(shape)
+        return dense.masked_scatter(_unpack_bits(self.packed_mask, self.in_features), self.values)
+
+    def mask(self) -> torch.Tensor:
+        """The keep-mask bool [out, in] (for 2:4: the coded slots)."""
+        if self.pattern == "block":
+            bh, bw = self.block_size
+            keep = torch.zeros(
+                self.out_features // bh, self.in_features // bw, dtype=torch.bool, device=self.values.device
+            )
+            keep[bsr_row_indices(self.crow_indices, self.col_indices.numel()), self.col_indices] = True
+            return expand_block_mask(keep, self.block_size)
+        if self.pattern == "2:4":
+            slots = unpack_2to4_slots(self.metadata, self.in_features)
+            keep = torch.zeros(self.out_features, self.in_features // 4, 4, dtype=torch.bool, device=slots.device)
+            return keep.scatter(-1, slots, True).reshape(self.out_features, self.in_features)
+        return _unpack_bits(self.packed_mask, self.in_features)
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight's entries that are stored (kept)."""
+        return self.values.numel() / (self.out_features * self.in_features)
+
+    def compact_nbytes(self) -> int:
+        """Bytes of the stored weight: values plus index structures (bias excluded)."""
+        names = {"block": ("crow_indices", "col_indices"), "2:4": ("metadata",), "unstructured": ("packed_mask",)}
+        tensors = [self.values] + [getattr(self, n) for n in names[self.pattern]]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def dense_nbytes(self) -> int:
+        """Bytes the same weight takes as a dense nn.Linear (bias excluded)."""
+        return self.out_features * self.in_features * self.values.element_size()
+
+    def extra_repr(self) -> str:
+        block = f", block_size={self.block_size}" if self.pattern == "block" else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"pattern={self.pattern!r}{block}, density={self.density:.3f}, backend={self.backend!r}"
+        )
+
+    # --------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SparseLinear: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"SparseLinear: input must have last dim in_features={self.in_features}, got shape {tuple(x.shape)}"
+            )
+        if x.device != self.values.device:
+            raise ValueError(f"SparseLinear: input is on {x.device} but the weight is on {self.values.device}")
+        if x.dtype != self.values.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"SparseLinear: input dtype {x.dtype} does not match weight dtype {self.values.dtype} "
+                "(cast the input or the module, or use torch.autocast)"
+            )
+        return backends.select(self.backend, self.pattern, x.device, x.dtype).forward(self, x)
+
+    # ------------------------------------------------------------ state_dict
+
+    def get_extra_state(self):
+        return {
+            "version": _STATE_VERSION,
+            "pattern": self.pattern,
+            "block_size": self.block_size,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+        }
+
+    def set_extra_state(self, state) -> None:
+        mine = self.get_extra_state()
+        theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(state).items()}
+        keys = ("pattern", "in_features", "out_features") + (("block_size",) if self.pattern == "block" else ())
+        diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
+        if diff:
+            raise ValueError(
+                "SparseLinear.load_state_dict: the saved layer does not match this module: "
+                + ", ".join(f"{k} saved {a!r} vs module {b!r}" for k, (a, b) in diff.items())
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The compact tensors' sizes depend on the mask (nnz), so a fresh module
+        # adopts the saved sizes instead of reporting a size mismatch.
+        problem = self._check_saved_layout(state_dict, prefix)
+        if problem:
+            error_msgs.append(f"{prefix or 'SparseLinear'}: {problem}")
+            return
+        for name in ("values", "col_indices"):
+            saved = state_dict.get(prefix + name)
+            current = getattr(self, name, None)
+            if saved is None or current is None or saved.shape == current.shape:
+                continue
+            fresh = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+            if isinstance(current, nn.Parameter):
+                setattr(self, name, nn.Parameter(fresh, requires_grad=current.requires_grad))
+            else:
+                setattr(self, name, fresh)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _check_saved_layout(self, state_dict, prefix) -> str | None:
+        """Consistency of the saved compact tensors (a corrupt file must not load silently)."""
+        values = state_dict.get(prefix + "values")
+        if values is None:
+            return None  # reported as a missing key by the caller
+        if self.pattern == "block":
+            crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
+            if crow is None or col is None:
+                return None
+            nnz = values.shape[0] if values.dim() == 3 else -1
+            bh, bw = self.block_size
+            expected_rows = self.out_features // bh + 1
+            ok = (
+                values.dim() == 3
+                and tuple(values.shape[1:]) == (bh, bw)
+                and crow.shape == (expected_rows,)
+                and col.shape == (nnz,)
+                and int(crow[0]) == 0
+                and int(crow[-1]) == nnz
+                and bool((crow.diff() >= 0).all())
+                and (nnz == 0 or 0 <= int(col.min()) and int(col.max()) < self.in_features // bw)
+            )
+            return None if ok else "saved BSR triple is inconsistent with this layer's shape and block size"
+        if self.pattern == "unstructured":
+            packed = state_dict.get(prefix + "packed_mask")
+            if packed is None:
+                return None
+            if packed.shape != self.packed_mask.shape or packed.dtype != torch.uint8:
+                return f"saved packed_mask has shape {tuple(packed.shape)}, expected {tuple(self.packed_mask.shape)}"
+            kept = int(_unpack_bits(packed, self.in_features).sum())
+            if values.shape != (kept,):
+                return f"saved values hold {tuple(values.shape)} entries but the saved mask keeps {kept}"
+        return None
+
+
+# ---------------------------------------------------------------------------
+# model swapping
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How ``sparsify_`` prunes and stores each selected layer.
+
+    pattern: "unstructured" | "2:4" | "block"; sparsity in [0, 1) (2:4: 0.5);
+    block_size: int or (bh, bw), for "block"; backend: "auto" or a name from
+    ``lotus_kernels.backends.backend_names()``.
+    """
+
+    pattern: str = "unstructured"
+    sparsity: float = 0.5
+    block_size: int | tuple[int, int] = 32
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _check_pattern(self.pattern)
+        check_sparsity(self.sparsity)
+        if self.pattern == "2:4" and self.sparsity != 0.5:
+            raise ValueError(f"pattern '2:4' has sparsity 0.5, got sparsity={self.sparsity!r}")
+        block_shape(self.block_size)
+        backends.check_backend_name(self.backend)
+
+
+def default_filter(module: nn.Module, name: str) -> bool:
+    """Transformer blocks' attention and MLP projections (timm: qkv, proj, fc1, fc2, ...).
+
+    The patch embedding and the classifier head stay dense.
+    """
+    parts = name.split(".")
+    return (
+        isinstance(module, nn.Linear)
+        and parts[-1] in PRUNABLE_LAYER_NAMES
+        and parts[0] not in ("patch_embed", "head", "fc_norm", "pre_logits")
+    )
+
+
+def _replace_modules(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module | None], prefix: str = "") -> None:
+    """Walk named_children depth-first; where fn returns a module, put it in the child's place."""
+    for child_name, child in list(model.named_children()):
+        name = f"{prefix}{child_name}"
+        replacement = fn(child, name)
+        if replacement is not None:
+            setattr(model, child_name, replacement)
+        else:
+            _replace_modules(child, fn, prefix=f"{name}.")
+
+
+def sparsify_(
+    model: nn.Module,
+    config: SparsityConfig | str = "unstructured",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Replace the selected nn.Linear layers of ``model`` by SparseLinear, in place; returns ``model``.
+
+    config: a SparsityConfig or just its pattern. filter_fn(module, name) ->
+    bool picks the layers (default: ``default_filter``). masks: optional
+    {layer name: bool keep-mask} (e.g. from global pruning); a layer with a
+    mask uses it instead of ``config.sparsity``. ``sparsity_summary(model)``
+    lists what was replaced.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(config, str):
+        config = SparsityConfig(pattern=config)
+    elif not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig or a pattern string, got {type(config).__name__}")
+    filter_fn = default_filter if filter_fn is None else filter_fn
+    masks = dict(masks or {})
+    replaced: list[str] = []
+
+    def swap(module: nn.Module, name: str):
+        if not isinstance(module, nn.Linear) or not filter_fn(module, name):
+            return None
+        mask = masks.get(name)
+        try:
+            sparse = SparseLinear.from_dense(
+                module,
+                pattern=config.pattern,
+                sparsity=None if mask is not None or config.pattern == "2:4" else config.sparsity,
+                block_size=config.block_size,
+                mask=mask,
+                backend=config.backend,
+            )
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"sparsify_: layer {name!r}: {e}") from e
+        replaced.append(name)
+        return sparse
+
+    unknown = set(masks)
+    _replace_modules(model, swap)
+    unknown -= set(replaced)
+    if unknown:
+        raise ValueError(f"sparsify_: masks given for layers that were not sparsified: {sorted(unknown)}")
+    return model
+
+
+def densify_(model: nn.Module) -> nn.Module:
+    """Replace every SparseLinear by an nn.Linear holding its masked dense weight, in place; returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+    def swap(module: nn.Module, name: str):
+        if not isinstance(module, SparseLinear):
+            return None
+        weight = module.to_dense().detach()
+        linear = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        return linear
+
+    _replace_modules(model, swap)
+    return model
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    name: str
+    pattern: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    density: float
+    dense_bytes: int
+    compact_bytes: int
+
+
+@dataclass(frozen=True)
+class SparsitySummary:
+    layers: list[LayerSummary] = field(default_factory=list)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(layer.dense_bytes for layer in self.layers)
+
+    @property
+    def compact_bytes(self) -> int:
+        return sum(layer.compact_bytes for layer in self.layers)
+
+    @property
+    def density(self) -> float:
+        """Kept fraction over all sparse layers' weights."""
+        total = sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
+        return sum(layer.density * layer.shape[0] * layer.shape[1] for layer in self.layers) / max(total, 1)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<28} {'pattern':<12} {'shape':>12} {'density':>8} {'dense B':>10} {'compact B':>10}"]
+        for layer in self.layers:
+            shape = f"{layer.shape[0]}x{layer.shape[1]}"
+            rows.append(
+                f"{layer.name:<28} {layer.pattern:<12} {shape:>12} {layer.density:>8.3f} "
+                f"{layer.dense_bytes:>10} {layer.compact_bytes:>10}"
+            )
+        rows.append(
+            f"{len(self.layers)} sparse layers, density {self.density:.3f}, "
+            f"{self.dense_bytes} B dense -> {self.compact_bytes} B compact"
+        )
+        return "\n".join(rows)
+
+
+def sparsity_summary(model: nn.Module) -> SparsitySummary:
+    """What ``sparsify_`` replaced: one row per SparseLinear in ``model``."""
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            label = module.pattern if module.pattern != "block" else f"block{module.block_size[0]}x{module.block_size[1]}"
+            layers.append(
+                LayerSummary(
+                    name=name,
+                    pattern=label,
+                    shape=(module.out_features, module.in_features),
+                    density=module.density,
+                    dense_bytes=module.dense_nbytes(),
+                    compact_bytes=module.compact_nbytes(),
+                )
+            )
+    return SparsitySummary(layers)

@@ -1,0 +1,37 @@
+"""Test setup: Triton runs on CPU tensors through its interpreter, and
+GPU-only tests carry the `cuda` marker (skipped without a CUDA device).
+
+TRITON_INTERPRET must be set before triton is first imported.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lotus_kernels import _extension  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    # Decided when tests run, not at import: no GPU query at collection of the package.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _extension_built():
+    # Everything below the ops layer needs the compiled extension; a missing
+    # build must fail loudly here rather than as dozens of confusing errors.
+    if not _extension.is_built():
+        pytest.exit(f"lotus_kernels._C is not built: {_extension.load_error()}", returncode=1)
+
+
+def devices():
+    """CPU always; CUDA as a marked parameter."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
