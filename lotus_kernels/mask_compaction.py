@@ -124,10 +124,8 @@ def unpack_2to4_slots(metadata: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.stack([codes & 3, codes >> 2], dim=-1)
 
 
-def decompress_2to4_ref(values: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
-    """values [R, C/2], metadata [R, ceil(C/32)] int32 -> weight [R, C]; differentiable w.r.t. values."""
-    rows, half = values.shape
-    cols = 2 * half
+def check_2to4_metadata(metadata: torch.Tensor, cols: int) -> None:
+    """Raises ValueError naming the first group whose code is not two ascending slots."""
     slots = unpack_2to4_slots(metadata, cols)
     bad = slots[..., 0] >= slots[..., 1]
     if bool(bad.any()):
@@ -137,6 +135,20 @@ def decompress_2to4_ref(values: torch.Tensor, metadata: torch.Tensor) -> torch.T
             f"decompress_2to4: metadata row {r} group {g} codes slots ({i0}, {i1}); "
             "a valid code holds two ascending slots"
         )
+
+
+def decompress_2to4_ref(values: torch.Tensor, metadata: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+    """values [R, C/2], metadata [R, ceil(C/32)] int32 -> weight [R, C]; differentiable w.r.t. values.
+
+    validate=False skips the metadata check (a host sync and a data-dependent
+    branch): for callers that checked the metadata once already, such as
+    SparseLinear's forward, which must trace under torch.compile.
+    """
+    rows, half = values.shape
+    cols = 2 * half
+    if validate:
+        check_2to4_metadata(metadata, cols)
+    slots = unpack_2to4_slots(metadata, cols)
     dense = values.new_zeros(rows, cols // 4, 4)
     dense = dense.scatter(-1, slots, values.reshape(rows, cols // 4, 2))
     return dense.reshape(rows, cols)

@@ -28,7 +28,14 @@ import torch
 import torch.nn as nn
 
 from . import backends, ops
-from .mask_compaction import bsr_row_indices, bsr_to_dense_ref, compress_2to4_ref, decompress_2to4_ref, unpack_2to4_slots
+from .mask_compaction import (
+    bsr_row_indices,
+    bsr_to_dense_ref,
+    check_2to4_metadata,
+    compress_2to4_ref,
+    decompress_2to4_ref,
+    unpack_2to4_slots,
+)
 from .masks import (
     PATTERNS,
     block_mask,
@@ -253,7 +260,8 @@ class SparseLinear(nn.Module):
         if self.pattern == "block":
             return bsr_to_dense_ref(self.crow_indices, self.col_indices, self.values, shape)
         if self.pattern == "2:4":
-            return decompress_2to4_ref(self.values, self.metadata)
+            # The metadata was checked when it was built or loaded.
+            return decompress_2to4_ref(self.values, self.metadata, validate=False)
         dense = self.values.new_zeros(shape)
         return dense.masked_scatter(_unpack_bits(self.packed_mask, self.in_features), self.values)
 
@@ -324,15 +332,9 @@ class SparseLinear(nn.Module):
         }
 
     def set_extra_state(self, state) -> None:
-        mine = self.get_extra_state()
-        theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(state).items()}
-        keys = ("pattern", "in_features", "out_features") + (("block_size",) if self.pattern == "block" else ())
-        diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
-        if diff:
-            raise ValueError(
-                "SparseLinear.load_state_dict: the saved layer does not match this module: "
-                + ", ".join(f"{k} saved {a!r} vs module {b!r}" for k, (a, b) in diff.items())
-            )
+        # Layout compatibility was checked in _load_from_state_dict, before any
+        # tensor was resized or copied; nothing else to restore.
+        pass
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The compact tensors' sizes depend on the mask (nnz), so a fresh module
@@ -355,9 +357,28 @@ class SparseLinear(nn.Module):
 
     def _check_saved_layout(self, state_dict, prefix) -> str | None:
         """Consistency of the saved compact tensors (a corrupt file must not load silently)."""
+        saved = state_dict.get(prefix + "_extra_state")
+        if isinstance(saved, Mapping):
+            mine = self.get_extra_state()
+            keys = ("pattern", "in_features", "out_features") + (("block_size",) if self.pattern == "block" else ())
+            theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()}
+            diff = [f"{k} saved {theirs.get(k)!r} vs module {mine[k]!r}" for k in keys if theirs.get(k) != mine[k]]
+            if diff:
+                return "the saved layer does not match this module: " + ", ".join(diff)
         values = state_dict.get(prefix + "values")
         if values is None:
             return None  # reported as a missing key by the caller
+        if self.pattern == "2:4":
+            metadata = state_dict.get(prefix + "metadata")
+            if metadata is None:
+                return None
+            if metadata.shape != self.metadata.shape or metadata.dtype != torch.int32:
+                return f"saved metadata has shape {tuple(metadata.shape)}, expected {tuple(self.metadata.shape)} int32"
+            try:
+                check_2to4_metadata(metadata, self.in_features)
+            except ValueError as e:
+                return str(e)
+            return None
         if self.pattern == "block":
             crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
             if crow is None or col is None:
