@@ -1,0 +1,63 @@
+"""Benchmark harness shared by bench/bench_*.py (run: pytest bench/ --benchmark-only).
+
+Every result records the device, versions, git commit and date in
+extra_info; timed callables synchronize the device so GPU time is counted.
+On CPU the benchmarks run small shapes so the command always works.
+"""
+
+import datetime
+import platform
+import subprocess
+
+import pytest
+import torch
+
+from lotus_kernels.info import collect
+
+
+def _command_output(*command: str) -> str | None:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@pytest.fixture(scope="session")
+def environment():
+    info = collect()
+    if info["cuda_devices"]:
+        device = info["cuda_devices"][0]["name"]
+        driver = _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+    else:
+        device, driver = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)", None
+    return {
+        "device": device,
+        "driver": driver,
+        "versions": info["versions"],
+        "cuda_build": info["extension"].get("cuda_version"),
+        "git_commit": _command_output("git", "rev-parse", "HEAD"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@pytest.fixture
+def bench_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def run_benchmark(benchmark, environment):
+    """run_benchmark(fn, **extra): time fn (device-synchronised) and record the environment."""
+
+    def run(fn, **extra):
+        def synced():
+            out = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return out
+
+        benchmark.extra_info.update(environment)
+        benchmark.extra_info.update(extra)
+        return benchmark.pedantic(synced, rounds=10, iterations=1, warmup_rounds=2)
+
+    return run
