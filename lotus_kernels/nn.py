@@ -374,6 +374,8 @@ class SparseLinear(nn.Module):
                 return None
             if metadata.shape != self.metadata.shape or metadata.dtype != torch.int32:
                 return f"saved metadata has shape {tuple(metadata.shape)}, expected {tuple(self.metadata.shape)} int32"
+            if values.shape != self.values.shape:
+                return f"saved values have shape {tuple(values.shape)}, expected {tuple(self.values.shape)}"
             try:
                 check_2to4_metadata(metadata, self.in_features)
             except ValueError as e:

@@ -212,6 +212,8 @@ def test_load_state_dict_rejects_other_layouts_and_corruption():
     with pytest.raises(RuntimeError, match="saved mask keeps"):
         SparseLinear(96, 64, pattern="unstructured").load_state_dict(unstructured)
     two_four = SparseLinear.from_dense(make_linear(), "2:4").state_dict()
+    with pytest.raises(RuntimeError, match="saved values have shape"):
+        SparseLinear(96, 64, pattern="2:4").load_state_dict({**two_four, "values": two_four["values"][:, :-2]})
     two_four["metadata"][3, 1] = 0  # codes slots (0, 0)
     with pytest.raises(RuntimeError, match="row 3 group 8"):
         SparseLinear(96, 64, pattern="2:4").load_state_dict(two_four)
