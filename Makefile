@@ -30,19 +30,18 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# What setup.py imports must be there before a --no-build-isolation build;
-# the editable install then brings the package's own dependencies.
-$(DEPS_STAMP): pyproject.toml | $(PY)
+# What setup.py imports must be there before a --no-build-isolation build.
+$(DEPS_STAMP): | $(PY)
 	$(PIP) install --quiet "torch>=2.11" "setuptools>=64" wheel ninja pybind11
+	touch $@
+
+# One editable install: the package's dependencies (already satisfied ones cost
+# a second) and one build of the extension; re-run when the sources change.
+$(EXT_STAMP): $(DEPS_STAMP) pyproject.toml $(EXT_SOURCES)
 	$(PIP) install --quiet --no-build-isolation -e ".[test]"
 	touch $@
 
-# Rebuild the extension when its sources change (ninja recompiles only what changed).
-$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
-	touch $@
-
-ctest: $(DEPS_STAMP)
+ctest: $(EXT_STAMP)
 	mkdir -p $(dir $(CMAKE_BUILD))
 	cmake -S . -B $(CMAKE_BUILD) -DPython3_EXECUTABLE=$(abspath $(PY)) > $(CMAKE_BUILD).configure.log 2>&1 \
 		|| (cat $(CMAKE_BUILD).configure.log; exit 1)

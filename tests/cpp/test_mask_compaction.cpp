@@ -17,9 +17,9 @@ namespace {
 
 int g_passed = 0, g_failed = 0;
 
-#define CHECK(cond)                                                              \
+#define EXPECT(cond)                                                              \
   do {                                                                           \
-    if (!(cond)) throw std::runtime_error(std::string("CHECK failed: ") + #cond); \
+    if (!(cond)) throw std::runtime_error(std::string("EXPECT failed: ") + #cond); \
   } while (0)
 
 void run(const std::string& name, const std::function<void()>& test) {
@@ -92,7 +92,7 @@ void test_keep_indices_hand_rows() {
   mask[3][6] = true;
   for (int j = 0; j < 7; j += 2) mask[4][j] = true;
   auto [idx, cnt] = keep_indices_op().call(mask);
-  CHECK(idx.scalar_type() == at::kInt && cnt.scalar_type() == at::kInt);
+  EXPECT(idx.scalar_type() == at::kInt && cnt.scalar_type() == at::kInt);
   std::vector<std::vector<int>> expected = {{-1, -1, -1, -1, -1, -1, -1},
                                             {0, 1, 2, 3, 4, 5, 6},
                                             {0, -1, -1, -1, -1, -1, -1},
@@ -100,8 +100,8 @@ void test_keep_indices_hand_rows() {
                                             {0, 2, 4, 6, -1, -1, -1}};
   std::vector<int> expected_counts = {0, 7, 1, 1, 4};
   for (int r = 0; r < 5; ++r) {
-    CHECK(cnt[r].item<int>() == expected_counts[r]);
-    for (int j = 0; j < 7; ++j) CHECK(idx[r][j].item<int>() == expected[r][j]);
+    EXPECT(cnt[r].item<int>() == expected_counts[r]);
+    for (int j = 0; j < 7; ++j) EXPECT(idx[r][j].item<int>() == expected[r][j]);
   }
 }
 
@@ -110,9 +110,9 @@ void test_dense_to_bsr_matches_torch() {
     auto [weight, block_mask] = awkward_block_case(bh, bw);
     auto [crow, col, values] = dense_to_bsr_op().call(weight, block_mask, bh, bw);
     auto expected = weight.to_sparse_bsr({bh, bw});
-    CHECK(same(crow, expected.crow_indices()));
-    CHECK(same(col, expected.col_indices()));
-    CHECK(same(values, expected.values()));
+    EXPECT(same(crow, expected.crow_indices()));
+    EXPECT(same(col, expected.col_indices()));
+    EXPECT(same(values, expected.values()));
   }
 }
 
@@ -122,9 +122,9 @@ void test_bsr_transpose_matches_torch() {
   auto [crow_t, col_t, values_t] =
       bsr_transpose_op().call(crow, col, values, weight.size(0), weight.size(1));
   auto expected = weight.t().contiguous().to_sparse_bsr({32, 16});
-  CHECK(same(crow_t, expected.crow_indices()));
-  CHECK(same(col_t, expected.col_indices()));
-  CHECK(same(values_t, expected.values()));
+  EXPECT(same(crow_t, expected.crow_indices()));
+  EXPECT(same(col_t, expected.col_indices()));
+  EXPECT(same(values_t, expected.values()));
 }
 
 void test_bsr_transpose_rejects_bad_structure() {
@@ -138,7 +138,7 @@ void test_bsr_transpose_rejects_bad_structure() {
   } catch (const c10::ValueError&) {
     raised = true;
   }
-  CHECK(raised);
+  EXPECT(raised);
 }
 
 void test_2to4_round_trip_and_layout() {
@@ -147,10 +147,10 @@ void test_2to4_round_trip_and_layout() {
   // group 2 keeps nothing (slots 0,1).
   auto w = at::tensor({0.f, 5.f, 0.f, -7.f, 0.f, 0.f, 2.f, 0.f, 0.f, 0.f, 0.f, 0.f}).reshape({1, 12});
   auto [values, meta] = compress_op().call(w, std::nullopt);
-  CHECK(same(values, at::tensor({5.f, -7.f, 0.f, 2.f, 0.f, 0.f}).reshape({1, 6})));
+  EXPECT(same(values, at::tensor({5.f, -7.f, 0.f, 2.f, 0.f, 0.f}).reshape({1, 6})));
   const int32_t code = (1 | (3 << 2)) | ((0 | (2 << 2)) << 4) | ((0 | (1 << 2)) << 8);
-  CHECK(meta.sizes() == at::IntArrayRef({1, 1}) && meta[0][0].item<int32_t>() == code);
-  CHECK(same(decompress_op().call(values, meta), w));
+  EXPECT(meta.sizes() == at::IntArrayRef({1, 1}) && meta[0][0].item<int32_t>() == code);
+  EXPECT(same(decompress_op().call(values, meta), w));
 
   auto big = at::randn({33, 96});
   auto keep = at::zeros({33, 24, 4}, at::kBool);
@@ -158,8 +158,8 @@ void test_2to4_round_trip_and_layout() {
   keep.select(2, 3).fill_(true);
   keep = keep.reshape({33, 96});
   auto [v2, m2] = compress_op().call(big, keep);
-  CHECK(m2.size(1) == 3);
-  CHECK(same(decompress_op().call(v2, m2), big * keep));
+  EXPECT(m2.size(1) == 3);
+  EXPECT(same(decompress_op().call(v2, m2), big * keep));
 }
 
 void test_2to4_rejects_three_nonzeros() {
@@ -170,29 +170,29 @@ void test_2to4_rejects_three_nonzeros() {
   } catch (const c10::ValueError& e) {
     raised = std::string(e.what()).find("at most 2") != std::string::npos;
   }
-  CHECK(raised);
+  EXPECT(raised);
 }
 
 void test_cuda_matches_cpu() {
   auto [weight, block_mask] = awkward_block_case(16, 16);
   auto cpu = dense_to_bsr_op().call(weight, block_mask, 16, 16);
   auto gpu = dense_to_bsr_op().call(weight.cuda(), block_mask.cuda(), 16, 16);
-  CHECK(same(std::get<0>(cpu), std::get<0>(gpu)) && same(std::get<1>(cpu), std::get<1>(gpu)) &&
+  EXPECT(same(std::get<0>(cpu), std::get<0>(gpu)) && same(std::get<1>(cpu), std::get<1>(gpu)) &&
         same(std::get<2>(cpu), std::get<2>(gpu)));
   auto tc = bsr_transpose_op().call(std::get<0>(cpu), std::get<1>(cpu), std::get<2>(cpu), 64, 80);
   auto tg = bsr_transpose_op().call(std::get<0>(gpu), std::get<1>(gpu), std::get<2>(gpu), 64, 80);
-  CHECK(same(std::get<0>(tc), std::get<0>(tg)) && same(std::get<1>(tc), std::get<1>(tg)) &&
+  EXPECT(same(std::get<0>(tc), std::get<0>(tg)) && same(std::get<1>(tc), std::get<1>(tg)) &&
         same(std::get<2>(tc), std::get<2>(tg)));
   auto mask = at::rand({9, 200}) > 0.7;
   auto kc = keep_indices_op().call(mask);
   auto kg = keep_indices_op().call(mask.cuda());
-  CHECK(same(std::get<0>(kc), std::get<0>(kg)) && same(std::get<1>(kc), std::get<1>(kg)));
+  EXPECT(same(std::get<0>(kc), std::get<0>(kg)) && same(std::get<1>(kc), std::get<1>(kg)));
   auto w = at::randn({17, 72}).to(at::kHalf);
   auto keep = at::rand({17, 18, 4}).argsort(/*dim=*/-1, /*descending=*/false).lt(2).reshape({17, 72});  // exactly 2 of 4
   auto cc = compress_op().call(w, keep);
   auto cg = compress_op().call(w.cuda(), keep.cuda());
-  CHECK(same(std::get<0>(cc), std::get<0>(cg)) && same(std::get<1>(cc), std::get<1>(cg)));
-  CHECK(same(decompress_op().call(std::get<0>(cg), std::get<1>(cg)), w * keep));
+  EXPECT(same(std::get<0>(cc), std::get<0>(cg)) && same(std::get<1>(cc), std::get<1>(cg)));
+  EXPECT(same(decompress_op().call(std::get<0>(cg), std::get<1>(cg)), w * keep));
 }
 
 }  // namespace
