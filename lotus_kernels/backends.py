@@ -1,14 +1,22 @@
 """Backends that compute SparseLinear's forward, and how "auto" chooses one.
 
-A backend says, for a (pattern, device, dtype), whether it can run and if not
-why; "auto" takes the first that can, in registration order, with
-"reference" (pure torch, any device, exact masked-dense semantics) as the
-last resort. Kernel backends ("triton", "cusparselt") register themselves
-ahead of it; SparseLinear's contract does not change when they do.
+A backend says, for a layer spec (pattern, device, dtype, block size), whether
+it can run and if not why. "auto" considers the usable backends that allow
+automatic use there, in registration order with "reference" (pure torch, any
+device, exact masked-dense semantics) always last:
+- one candidate: it runs;
+- several, on CUDA: each is timed once per (spec, weight shape, nnz, rows of
+  x rounded up to a power of two) and the fastest is cached; the reference
+  (a cuBLAS matmul on the rebuilt dense weight) stays in the race, so a kernel
+  backend is used only where it measured faster. No timing happens inside a
+  torch.compile trace: there the cached choice, or the first candidate, runs.
+Kernel backends register themselves (lotus_kernels.triton); SparseLinear's
+contract does not change when they do.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,16 +25,27 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
+class LayerSpec:
+    pattern: str
+    device: torch.device
+    dtype: torch.dtype
+    block_size: tuple[int, int] | None = None  # "block" pattern only
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
     description: str
-    # (pattern, device, dtype) -> None when usable, else the reason it is not.
-    why_not: Callable[[str, torch.device, torch.dtype], str | None]
+    # spec -> None when usable, else the reason it is not.
+    why_not: Callable[[LayerSpec], str | None]
     # (module, x [..., in_features]) -> y [..., out_features]
     forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    # spec -> whether "auto" may consider it (e.g. not the Triton interpreter on CPU).
+    auto: Callable[[LayerSpec], bool] = lambda spec: True
 
 
 _REGISTRY: dict[str, Backend] = {}
+_AUTO_CHOICE: dict[tuple, str] = {}
 AUTO = "auto"
 
 
@@ -35,6 +54,7 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
     if "reference" in _REGISTRY and backend.name != "reference":
         _REGISTRY["reference"] = _REGISTRY.pop("reference")
+    _AUTO_CHOICE.clear()
 
 
 def backend_names() -> list[str]:
@@ -47,24 +67,74 @@ def check_backend_name(name) -> str:
     return name
 
 
-def explain(pattern: str, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str | None]]:
+def explain(spec: LayerSpec) -> list[tuple[str, str | None]]:
     """[(backend name, None if usable else why not)] in "auto" preference order."""
-    return [(b.name, b.why_not(pattern, torch.device(device), dtype)) for b in _REGISTRY.values()]
+    return [(b.name, b.why_not(spec)) for b in _REGISTRY.values()]
 
 
-def select(name: str, pattern: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs: ``name`` itself, or for "auto" the first usable one."""
-    reasons = explain(pattern, device, dtype)
+def auto_candidates(spec: LayerSpec) -> list[Backend]:
+    """The backends "auto" would consider for this spec, in preference order."""
+    return [b for b in _REGISTRY.values() if b.why_not(spec) is None and b.auto(spec)]
+
+
+def select(name: str, spec: LayerSpec) -> Backend:
+    """The backend named, or for "auto" the first candidate (no measuring)."""
     if name != AUTO:
-        reason = dict(reasons)[name]
+        reason = _REGISTRY[name].why_not(spec)
         if reason is not None:
-            raise RuntimeError(f"backend {name!r} cannot run pattern {pattern!r} on {device} {dtype}: {reason}")
+            raise RuntimeError(f"backend {name!r} cannot run {spec.pattern!r} on {spec.device} {spec.dtype}: {reason}")
         return _REGISTRY[name]
-    for candidate, reason in reasons:
-        if reason is None:
-            return _REGISTRY[candidate]
-    detail = "; ".join(f"{n}: {r}" for n, r in reasons)
-    raise RuntimeError(f"no backend can run pattern {pattern!r} on {device} {dtype} ({detail})")
+    candidates = auto_candidates(spec)
+    if not candidates:
+        detail = "; ".join(f"{n}: {r}" for n, r in explain(spec))
+        raise RuntimeError(f"no backend can run {spec.pattern!r} on {spec.device} {spec.dtype} ({detail})")
+    return candidates[0]
+
+
+def select_for(module, x: torch.Tensor, spec: LayerSpec, timer: Callable | None = None) -> Backend:
+    """The backend that runs ``module(x)``: see the module docstring for how "auto" decides.
+
+    timer(backend, module, x) -> milliseconds; default: CUDA events, median of 10.
+    """
+    first = select(module.backend, spec)
+    if module.backend != AUTO:
+        return first
+    candidates = auto_candidates(spec)
+    if len(candidates) == 1 or x.device.type != "cuda":
+        return first
+    rows = max(1, math.prod(x.shape[:-1]))
+    key = (spec, tuple(module.values.shape), module.out_features, module.in_features, 1 << (rows - 1).bit_length())
+    if key in _AUTO_CHOICE:
+        return _REGISTRY[_AUTO_CHOICE[key]]
+    if torch.compiler.is_compiling():
+        return first
+    timer = timer or _time_backend_ms
+    with torch.no_grad():
+        times = {b.name: timer(b, module, x) for b in candidates}
+    _AUTO_CHOICE[key] = min(times, key=times.get)
+    return _REGISTRY[_AUTO_CHOICE[key]]
+
+
+def auto_choices() -> dict[tuple, str]:
+    """What "auto" has decided so far in this process (for info and benchmarks)."""
+    return dict(_AUTO_CHOICE)
+
+
+def _time_backend_ms(backend: Backend, module, x: torch.Tensor, repeats: int = 10) -> float:
+    """Median time of backend.forward(module, x) on the current CUDA stream, after one warm-up call."""
+
+    def fn():
+        return backend.forward(module, x)
+
+    fn()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for s, e in zip(start, end):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(start, end))[repeats // 2]
 
 
 def _reference_forward(module, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +147,7 @@ register_backend(
     Backend(
         name="reference",
         description="pure torch: rebuilds the masked dense weight and calls F.linear (any device; no speedup)",
-        why_not=lambda pattern, device, dtype: None,
+        why_not=lambda spec: None,
         forward=_reference_forward,
     )
 )

@@ -54,6 +54,12 @@ def _compaction_status(device: str, build: dict, cuda_devices: list[dict]) -> st
     return None
 
 
+def _spec(pattern: str, device: str) -> backends.LayerSpec:
+    """The spec info reports on: fp16 on CUDA, fp32 on CPU, 32x32 blocks."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    return backends.LayerSpec(pattern, torch.device(device), dtype, (32, 32) if pattern == "block" else None)
+
+
 def collect() -> dict:
     """Everything the report prints, as a dict."""
     build = _extension.build_info()
@@ -82,17 +88,11 @@ def collect() -> dict:
         "cuda_devices": cuda_devices,
         "compaction_ops": {device: _compaction_status(device, build, cuda_devices) for device in ("cpu", "cuda")},
         "backends": {
-            device: {
-                pattern: {name: reason for name, reason in backends.explain(pattern, torch.device(device), torch.float16 if device == "cuda" else torch.float32)}
-                for pattern in PATTERNS
-            }
+            device: {pattern: dict(backends.explain(_spec(pattern, device))) for pattern in PATTERNS}
             for device in device_types
         },
-        "auto_choice": {
-            device: {
-                pattern: backends.select(backends.AUTO, pattern, torch.device(device), torch.float16 if device == "cuda" else torch.float32).name
-                for pattern in PATTERNS
-            }
+        "auto_candidates": {
+            device: {pattern: [b.name for b in backends.auto_candidates(_spec(pattern, device))] for pattern in PATTERNS}
             for device in device_types
         },
         "notes": notes,
@@ -117,11 +117,16 @@ def format_report(info: dict) -> str:
         lines += ["  cuda           none available"]
     lines += ["", "mask-compaction ops (dense_to_bsr, bsr_transpose, compress_2to4, decompress_2to4, keep_indices)"]
     lines += [f"  {device:<14} {'usable' if reason is None else 'not usable: ' + reason}" for device, reason in info["compaction_ops"].items()]
-    lines += ["", "SparseLinear backends (auto picks the first usable, in this order)"]
+    lines += [
+        "",
+        "SparseLinear backends (fp32 on cpu, fp16 on cuda, 32x32 blocks); auto runs the only candidate,",
+        "or on CUDA times the candidates once per shape and keeps the fastest",
+    ]
     for device, per_pattern in info["backends"].items():
         for pattern, per_backend in per_pattern.items():
             listed = ", ".join(f"{name}: {'usable' if reason is None else reason}" for name, reason in per_backend.items())
-            lines.append(f"  {device:<5} {pattern:<13} auto -> {info['auto_choice'][device][pattern]:<10} [{listed}]")
+            candidates = " | ".join(info["auto_candidates"][device][pattern])
+            lines.append(f"  {device:<5} {pattern:<13} auto: {candidates:<20} [{listed}]")
     for note in info["notes"]:
         lines += ["", f"NOTE: {note}"]
     return "\n".join(lines)

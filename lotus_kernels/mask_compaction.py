@@ -51,18 +51,32 @@ def bsr_row_indices(crow_indices: torch.Tensor, nnz: int) -> torch.Tensor:
     return torch.repeat_interleave(block_rows, crow_indices.diff(), output_size=nnz)
 
 
+def bsr_transpose_structure(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, block_rows: int, block_cols: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Structure of W^T for a BSR W of block_rows x block_cols blocks (index work only).
+
+    Returns (crow_t [block_cols + 1], col_t [nnz], source [nnz]) int64:
+    transposed block row c lists the blocks of W's block column c, sorted by
+    W's block row; source[i] is the index of that block in W's values. A
+    kernel that reads values[source[i]] transposed needs no transposed copy.
+    """
+    nnz = col_indices.numel()
+    block_row = bsr_row_indices(crow_indices, nnz)
+    source = torch.argsort(col_indices * block_rows + block_row)  # keys are unique: order is deterministic
+    crow_t = torch.zeros(block_cols + 1, dtype=torch.int64, device=col_indices.device)
+    crow_t[1:] = torch.bincount(col_indices, minlength=block_cols).cumsum(0)
+    return crow_t, block_row[source], source
+
+
 def bsr_transpose_ref(
     crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BSR of W [R, C] -> BSR of W^T [C, R]: blocks [bw, bh], each transposed, column-sorted."""
     rows, cols = shape
-    nnz, bh, bw = values.shape
-    br, bc = rows // bh, cols // bw
-    block_row = bsr_row_indices(crow_indices, nnz)
-    order = torch.argsort(col_indices * br + block_row)  # keys are unique: order is deterministic
-    crow_t = torch.zeros(bc + 1, dtype=torch.int64, device=values.device)
-    crow_t[1:] = torch.bincount(col_indices, minlength=bc).cumsum(0)
-    return crow_t, block_row[order], values[order].transpose(1, 2).contiguous()
+    _, bh, bw = values.shape
+    crow_t, col_t, source = bsr_transpose_structure(crow_indices, col_indices, rows // bh, cols // bw)
+    return crow_t, col_t, values[source].transpose(1, 2).contiguous()
 
 
 def bsr_to_dense_ref(

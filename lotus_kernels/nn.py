@@ -147,6 +147,7 @@ class SparseLinear(nn.Module):
             self.values = nn.Parameter(torch.empty(0, bh, bw, **factory))
             self.register_buffer("crow_indices", torch.zeros(out // bh + 1, **index))
             self.register_buffer("col_indices", torch.zeros(0, **index))
+            self._refresh_block_structure()
         elif pattern == "2:4":
             values, metadata = compress_2to4_ref(torch.zeros(out, inp, **factory))
             self.values = nn.Parameter(values)
@@ -244,6 +245,7 @@ class SparseLinear(nn.Module):
         if self.pattern == "block":
             crow, col, values = ops.dense_to_bsr(weight, mask, self.block_size)
             self.crow_indices, self.col_indices = crow, col
+            self._refresh_block_structure()
         elif self.pattern == "2:4":
             values, self.metadata = ops.compress_2to4(weight, mask)
         else:
@@ -318,7 +320,32 @@ class SparseLinear(nn.Module):
                 f"SparseLinear: input dtype {x.dtype} does not match weight dtype {self.values.dtype} "
                 "(cast the input or the module, or use torch.autocast)"
             )
-        return backends.select(self.backend, self.pattern, x.device, x.dtype).forward(self, x)
+        return backends.select_for(self, x, self.spec(x)).forward(self, x)
+
+    def spec(self, x: torch.Tensor | None = None) -> backends.LayerSpec:
+        """What a backend needs to know to say whether it can run this layer (on x's device and dtype)."""
+        like = self.values if x is None else x
+        dtype = like.dtype
+        if x is not None and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return backends.LayerSpec(self.pattern, like.device, dtype, self.block_size if self.pattern == "block" else None)
+
+    def backward_structure(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block pattern: (crow_t, col_t, source_t, block_row), the index structure kernel backends walk.
+
+        Derived from (crow_indices, col_indices); kept as non-persistent
+        buffers, rebuilt whenever the structure changes (set_weight_, load).
+        """
+        if self.pattern != "block":
+            raise ValueError(f"backward_structure is for pattern 'block', this layer is {self.pattern!r}")
+        return self.crow_t, self.col_t, self.source_t, self.block_row
+
+    def _refresh_block_structure(self) -> None:
+        structure = ops.bsr_backward_structure(
+            self.crow_indices, self.col_indices, self.out_features, self.in_features, self.block_size
+        )
+        for name, tensor in zip(("crow_t", "col_t", "source_t", "block_row"), structure):
+            self.register_buffer(name, tensor, persistent=False)
 
     # ------------------------------------------------------------ state_dict
 
@@ -354,6 +381,8 @@ class SparseLinear(nn.Module):
             else:
                 setattr(self, name, fresh)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if self.pattern == "block":
+            self._refresh_block_structure()
 
     def _check_saved_layout(self, state_dict, prefix) -> str | None:
         """Consistency of the saved compact tensors (a corrupt file must not load silently)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _extension
-from .mask_compaction import GROUPS_PER_META_WORD
+from .mask_compaction import GROUPS_PER_META_WORD, bsr_row_indices, bsr_transpose_structure
 from .masks import block_shape, reduce_block_mask
 
 __all__ = ["dense_to_bsr", "bsr_transpose", "compress_2to4", "decompress_2to4", "keep_indices"]
@@ -156,3 +156,173 @@ def _register_fakes() -> None:
 
 if _extension.is_built():
     _register_fakes()
+
+
+# ---------------------------------------------------------------------------
+# block-sparse matmul (Triton): custom ops with fakes and autograd
+# ---------------------------------------------------------------------------
+# The kernels live in lotus_kernels/triton/block_sparse_matmul.py and are
+# imported when an op first runs, so importing lotus_kernels does not import
+# triton. Structure tensors (the BSR triple, its transpose and block rows) are
+# computed once per sparsity structure by the caller (SparseLinear keeps them
+# as buffers), never per call.
+
+
+def _bsr_kernels():
+    from .triton import block_sparse_matmul
+
+    return block_sparse_matmul
+
+
+@torch.library.custom_op("lotus_kernels::block_sparse_matmul", mutates_args=())
+def _block_sparse_matmul(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    crow_t: torch.Tensor,
+    col_t: torch.Tensor,
+    source_t: torch.Tensor,
+    block_row: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    activation: str,
+    store_pre_activation: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, pre = _bsr_kernels().bsr_matmul(
+        x, values, crow_indices, col_indices, out_features,
+        bias=bias, activation=activation, store_pre_activation=store_pre_activation,
+    )
+    return y, pre if pre is not None else x.new_empty(0)
+
+
+@_block_sparse_matmul.register_fake
+def _(x, values, crow_indices, col_indices, crow_t, col_t, source_t, block_row, bias, out_features, activation, store_pre_activation):
+    y = x.new_empty((x.shape[0], out_features))
+    return y, x.new_empty((x.shape[0], out_features) if store_pre_activation else (0,))
+
+
+@torch.library.custom_op("lotus_kernels::block_sparse_matmul_dx", mutates_args=())
+def _block_sparse_matmul_dx(
+    grad: torch.Tensor, values: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor, source_t: torch.Tensor, in_features: int
+) -> torch.Tensor:
+    return _bsr_kernels().bsr_matmul(grad, values, crow_t, col_t, in_features, source=source_t)[0]
+
+
+@_block_sparse_matmul_dx.register_fake
+def _(grad, values, crow_t, col_t, source_t, in_features):
+    return grad.new_empty((grad.shape[0], in_features))
+
+
+@torch.library.custom_op("lotus_kernels::block_sparse_sdd", mutates_args=())
+def _block_sparse_sdd(grad: torch.Tensor, x: torch.Tensor, block_row: torch.Tensor, col_indices: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
+    return _bsr_kernels().bsr_sdd(grad, x, block_row, col_indices, (block_rows, block_cols))
+
+
+@_block_sparse_sdd.register_fake
+def _(grad, x, block_row, col_indices, block_rows, block_cols):
+    return x.new_empty((col_indices.shape[0], block_rows, block_cols))
+
+
+def _block_sparse_matmul_setup(ctx, inputs, output):
+    x, values, crow, col, crow_t, col_t, source_t, block_row, bias, out_features, activation, _ = inputs
+    ctx.save_for_backward(x, values, col, crow_t, col_t, source_t, block_row, output[1])
+    ctx.activation, ctx.has_bias = activation, bias is not None
+
+
+def _block_sparse_matmul_backward(ctx, grad_y, grad_pre):
+    x, values, col, crow_t, col_t, source_t, block_row, pre = ctx.saved_tensors
+    grad = grad_y
+    if ctx.activation == "gelu":
+        if pre.numel() == 0:
+            raise RuntimeError("block_sparse_matmul: GELU backward needs the pre-activation (store_pre_activation=True)")
+        grad = _bsr_kernels().gelu_backward(grad_y, pre)
+    grad = grad.contiguous()
+    _, bh, bw = values.shape
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _block_sparse_matmul_dx(grad, values, crow_t, col_t, source_t, x.shape[1])
+    if ctx.needs_input_grad[1]:
+        grad_values = _block_sparse_sdd(grad, x, block_row, col, bh, bw)
+    if ctx.has_bias and ctx.needs_input_grad[8]:
+        grad_bias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
+    return grad_x, grad_values, None, None, None, None, None, None, grad_bias, None, None, None
+
+
+_block_sparse_matmul.register_autograd(_block_sparse_matmul_backward, setup_context=_block_sparse_matmul_setup)
+
+
+def block_sparse_matmul(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    *,
+    structure: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """act(x @ W^T + bias) with W [out_features, K] as the BSR triple (Triton kernels, forward and backward).
+
+    x [..., K] (any leading dims and strides; fp16, bf16 or fp32), values
+    [nnz, bh, bw] with bh, bw in {16, 32, 64, 128}, int64 crow/col, bias
+    [out_features] or None, activation "none" | "gelu" -> [..., out_features].
+    Gradients flow to x, the stored blocks only, and bias.
+    structure: (crow_t, col_t, source_t, block_row) from
+    ``bsr_backward_structure``; computed here when not given (pass it when
+    calling repeatedly with one structure).
+    """
+    _check_block_sparse_matmul_args(x, values, crow_indices, col_indices, out_features, bias, activation)
+    block_cols = x.shape[-1] // values.shape[2]
+    if structure is None:
+        # One-off path (a host sync): a column past x's width would read out of bounds.
+        if col_indices.numel() and int(col_indices.max()) >= block_cols:
+            raise ValueError(
+                f"block_sparse_matmul: the weight has block columns up to {int(col_indices.max())} but x's last dim "
+                f"{x.shape[-1]} holds only {block_cols} blocks of width {values.shape[2]}"
+            )
+        structure = bsr_backward_structure(crow_indices, col_indices, out_features, x.shape[-1], values.shape[1:])
+    elif structure[0].shape != (block_cols + 1,):
+        # The transposed row pointer has one entry per block column of W: it fixes in_features.
+        raise ValueError(
+            f"block_sparse_matmul: x's last dim {x.shape[-1]} does not match the weight's in_features "
+            f"{(structure[0].shape[0] - 1) * values.shape[2]}"
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    store_pre = activation == "gelu" and torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+    y, _ = _block_sparse_matmul(x2, values, crow_indices, col_indices, *structure, bias, out_features, activation, store_pre)
+    return y.reshape(*lead, out_features)
+
+
+def bsr_backward_structure(crow_indices, col_indices, out_features: int, in_features: int, block_shape) -> tuple[torch.Tensor, ...]:
+    """(crow_t, col_t, source_t, block_row): what the backward pass walks, computed once per structure."""
+    bh, bw = block_shape
+    crow_t, col_t, source_t = bsr_transpose_structure(crow_indices, col_indices, out_features // bh, in_features // bw)
+    return crow_t, col_t, source_t, bsr_row_indices(crow_indices, col_indices.numel())
+
+
+BLOCK_SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_SPARSE_SIZES = (16, 32, 64, 128)
+
+
+def _check_block_sparse_matmul_args(x, values, crow, col, out_features, bias, activation) -> None:
+    for t, name in ((x, "x"), (values, "values"), (crow, "crow_indices"), (col, "col_indices")):
+        _tensor(t, name)
+    if activation not in ("none", "gelu"):
+        raise ValueError(f"block_sparse_matmul: activation must be 'none' or 'gelu', got {activation!r}")
+    if x.dtype not in BLOCK_SPARSE_DTYPES or values.dtype != x.dtype:
+        raise TypeError(f"block_sparse_matmul: x and values must share a dtype in {BLOCK_SPARSE_DTYPES}, got {x.dtype} and {values.dtype}")
+    if values.dim() != 3 or values.shape[1] not in BLOCK_SPARSE_SIZES or values.shape[2] not in BLOCK_SPARSE_SIZES:
+        raise ValueError(f"block_sparse_matmul: values must be [nnz, bh, bw] with bh, bw in {BLOCK_SPARSE_SIZES}, got {tuple(values.shape)}")
+    bh, bw = values.shape[1:]
+    if x.dim() == 0 or x.shape[-1] % bw or out_features % bh:
+        raise ValueError(f"block_sparse_matmul: x last dim {x.shape[-1] if x.dim() else None} and out_features {out_features} must be multiples of the block ({bh}, {bw})")
+    if crow.shape != (out_features // bh + 1,) or col.shape != (values.shape[0],):
+        raise ValueError(f"block_sparse_matmul: crow_indices must be [{out_features // bh + 1}] and col_indices [{values.shape[0]}], got {tuple(crow.shape)} and {tuple(col.shape)}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
+        raise ValueError(f"block_sparse_matmul: bias must be [{out_features}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    devices = {t.device for t in (x, values, crow, col)} | ({bias.device} if bias is not None else set())
+    if len(devices) != 1:
+        raise ValueError(f"block_sparse_matmul: all tensors must be on one device, got {sorted(map(str, devices))}")

@@ -19,7 +19,7 @@ def test_info_reports_versions_build_and_backends():
     text = run_module("lotus_kernels.info")
     assert f"torch          {torch.__version__}" in text
     assert "extension lotus_kernels._C" in text and "built          yes" in text
-    assert "auto -> reference" in text
+    assert "auto: reference" in text
     data = json.loads(run_module("lotus_kernels.info", "--json"))
     assert data["extension"]["built"] is True
     assert data["compaction_ops"]["cpu"] is None

@@ -270,12 +270,12 @@ def test_cuda_matches_cpu_for_every_pattern():
 def test_backend_reference_and_auto():
     sparse = SparseLinear.from_dense(make_linear(), "2:4", backend="reference")
     assert sparse.backend == "reference"
-    assert backends.select("auto", "2:4", torch.device("cpu"), torch.float32).name == "reference"
-    assert ("reference", None) in backends.explain("block", "cpu", torch.float16)
+    assert backends.select("auto", backends.LayerSpec("2:4", torch.device("cpu"), torch.float32)).name == "reference"
+    assert ("reference", None) in backends.explain(backends.LayerSpec("block", torch.device("cpu"), torch.float16, (32, 32)))
 
 
 def test_a_registered_backend_takes_over_auto_and_the_contract_holds(monkeypatch):
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_REGISTRY", {"reference": backends._REGISTRY["reference"]})
     calls = []
 
     def forward(module, x):
@@ -283,7 +283,7 @@ def test_a_registered_backend_takes_over_auto_and_the_contract_holds(monkeypatch
         return F.linear(x, module.to_dense(), module.bias)
 
     backends.register_backend(
-        backends.Backend("toy", "test backend", lambda p, d, t: None if p == "block" else "block only", forward)
+        backends.Backend("toy", "test backend", lambda spec: None if spec.pattern == "block" else "block only", forward)
     )
     assert backends.backend_names() == ["toy", "reference"]
     block = SparseLinear.from_dense(make_linear(), "block", sparsity=0.5, block_size=32)

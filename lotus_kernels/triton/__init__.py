@@ -1,4 +1,62 @@
-"""Triton kernels, one file per kernel (kernel + wrapper + *_ref).
+"""Triton kernels, one file per kernel (kernel + launcher + *_ref).
 
-Kernel backends register with lotus_kernels.backends when their module is imported.
+Importing this package registers the kernel backends with
+lotus_kernels.backends; it does not import triton itself (the kernels are
+imported when they first run).
 """
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .. import ops
+from ..backends import Backend, LayerSpec, register_backend
+
+
+def _block_sparse_why_not(spec: LayerSpec) -> str | None:
+    if spec.pattern != "block":
+        return "runs pattern 'block' only"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if spec.block_size is None or any(b not in ops.BLOCK_SPARSE_SIZES for b in spec.block_size):
+        return f"block sizes must be in {ops.BLOCK_SPARSE_SIZES}, got {spec.block_size}"
+    if spec.dtype not in ops.BLOCK_SPARSE_DTYPES:
+        return f"dtype must be one of {ops.BLOCK_SPARSE_DTYPES}, got {spec.dtype}"
+    if spec.device.type == "cuda":
+        return None
+    if spec.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "on CPU it needs TRITON_INTERPRET=1 (the Triton interpreter: slow, for tests)"
+        if spec.dtype == torch.bfloat16:
+            return "the Triton interpreter mishandles bfloat16"
+        return None
+    return f"device type {spec.device.type!r} is not supported"
+
+
+def _block_sparse_forward(module, x: torch.Tensor) -> torch.Tensor:
+    values, bias = module.values, module.bias
+    if torch.is_autocast_enabled(x.device.type):
+        # What F.linear does under autocast: compute in the autocast dtype.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, values = x.to(dtype), values.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return ops.block_sparse_matmul(
+            x, values, module.crow_indices, module.col_indices, module.out_features, bias,
+            structure=module.backward_structure(),
+        )
+
+
+register_backend(
+    Backend(
+        name="triton",
+        description="Triton block-sparse matmul: walks only the stored blocks, forward and backward",
+        why_not=_block_sparse_why_not,
+        forward=_block_sparse_forward,
+        # On CPU it is the interpreter: explicit backend="triton" only.
+        auto=lambda spec: spec.device.type == "cuda",
+    )
+)

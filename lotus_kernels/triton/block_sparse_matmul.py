@@ -1,0 +1,244 @@
+"""Block-sparse matmul: y = act(x @ W^T + bias) with W [N, K] stored as a BSR triple.
+
+Kernels (one name everywhere: kernel, op, module backend, test, bench):
+- ``_bsr_matmul_kernel``: each program owns BLOCK_M rows of x and one output
+  block row, and walks only that block row's stored blocks (crow/col), so a
+  pruned block costs nothing and an empty block row writes bias only. The
+  same kernel computes dx = dy @ W by walking the transposed structure
+  (``mask_compaction.bsr_transpose_structure``) and reading W's blocks transposed through an
+  index indirection: no transposed copy of the values is ever made.
+- ``_bsr_sdd_kernel`` (sampled dense-dense): dW only at stored blocks,
+  dW[b] = dy[:, rows(b)]^T @ x[:, cols(b)], reduced over M by one program per
+  block (pruned blocks never receive gradient).
+
+Precision: fp16/bf16 inputs accumulate in fp32; fp32 inputs use TF32 tensor
+cores on GPU (``input_precision="tf32"``, about 10 mantissa bits), the same
+trade PyTorch makes with ``allow_tf32``. Under TRITON_INTERPRET=1 the kernels
+run on CPU tensors (fp32/fp16), which is how tests/ check them.
+
+``block_sparse_matmul_ref`` is the pure-torch reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..mask_compaction import bsr_to_dense_ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ACTIVATIONS = ("none", "gelu")
+
+
+# ---------------------------------------------------------------------------
+# reference
+# ---------------------------------------------------------------------------
+
+
+def block_sparse_matmul_ref(
+    x: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    values: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+) -> torch.Tensor:
+    """x [..., K] -> act(x @ W^T + bias) [..., N], W the dense form of the BSR triple (values [nnz, bh, bw])."""
+    weight = bsr_to_dense_ref(crow_indices, col_indices, values, (out_features, x.shape[-1]))
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if activation == "gelu" else y
+
+
+# ---------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _gelu(z):
+    # Exact (erf) GELU, as torch.nn.GELU() and timm's Mlp use by default.
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _bsr_matmul_kernel(
+    x_ptr, values_ptr, crow_ptr, col_ptr, source_ptr, bias_ptr, y_ptr, pre_ptr,
+    M,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    BH: tl.constexpr, BW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TRANSPOSED: tl.constexpr,  # walk W^T's structure (dx = dy @ W)
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # 0: none, 1: gelu
+    STORE_PRE: tl.constexpr,  # also store the pre-activation (for GELU's backward)
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Output tile: BLOCK_M rows x one output block row of width OUT_B.
+    # Not transposed: W's blocks are [BH, BW] = [OUT_B, IN_B].
+    # Transposed: W^T's blocks are W's blocks transposed, [BW, BH] = [OUT_B, IN_B].
+    OUT_B: tl.constexpr = BW if TRANSPOSED else BH
+    IN_B: tl.constexpr = BH if TRANSPOSED else BW
+    pid_m = tl.program_id(0)
+    block_row = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_in = tl.arange(0, IN_B)
+    offs_out = tl.arange(0, OUT_B)
+    row_mask = offs_m < M
+
+    acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
+    start = tl.load(crow_ptr + block_row)
+    end = tl.load(crow_ptr + block_row + 1)
+    for b in range(start, end):
+        col = tl.load(col_ptr + b)
+        if TRANSPOSED:
+            src = tl.load(source_ptr + b)
+        else:
+            src = b
+        x_tile = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + (col * IN_B + offs_in)[None, :] * stride_xk,
+            mask=row_mask[:, None],
+            other=0.0,
+        )
+        # We need the [IN_B, OUT_B] operand B^T of the block B = [OUT_B, IN_B].
+        block = values_ptr + src.to(tl.int64) * (BH * BW)
+        if TRANSPOSED:
+            # B = values[src]^T, so B^T = values[src]: row-major [BH, BW] = [IN_B, OUT_B].
+            w_t = tl.load(block + offs_in[:, None] * BW + offs_out[None, :])
+        else:
+            # B = values[src] [BH, BW]; read it transposed.
+            w_t = tl.load(block + offs_out[None, :] * BW + offs_in[:, None])
+        acc = tl.dot(x_tile, w_t, acc, input_precision=INPUT_PRECISION)
+
+    offs_n = block_row * OUT_B + offs_out
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+    out_ptrs = offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    if STORE_PRE:
+        tl.store(pre_ptr + out_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=row_mask[:, None])
+    if ACTIVATION == 1:
+        acc = _gelu(acc)
+    tl.store(y_ptr + out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def _bsr_sdd_kernel(
+    dy_ptr, x_ptr, row_ptr, col_ptr, dvalues_ptr,
+    M,
+    stride_dym, stride_dyn, stride_xm, stride_xk,
+    BH: tl.constexpr, BW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # One program per stored block b: dW[b] = dy[:, rows]^T @ x[:, cols] over all M.
+    b = tl.program_id(0)
+    row = tl.load(row_ptr + b)
+    col = tl.load(col_ptr + b)
+    offs_h = row * BH + tl.arange(0, BH)
+    offs_w = col * BW + tl.arange(0, BW)
+    acc = tl.zeros((BH, BW), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        dy_t = tl.load(dy_ptr + offs_h[:, None] * stride_dyn + offs_m[None, :] * stride_dym, mask=m_mask[None, :], other=0.0)
+        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
+        acc = tl.dot(dy_t, x_tile, acc, input_precision=INPUT_PRECISION)
+    out = dvalues_ptr + b.to(tl.int64) * (BH * BW) + tl.arange(0, BH)[:, None] * BW + tl.arange(0, BW)[None, :]
+    tl.store(out, acc.to(dvalues_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------
+# launchers (shape checks live in lotus_kernels.ops; these assume valid input)
+# ---------------------------------------------------------------------------
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # The interpreter computes dots in numpy: exact fp32 there.
+    return "ieee" if dtype == torch.float32 and INTERPRET else "tf32"
+
+
+def _block_m(m: int) -> int:
+    """Rows of x per program: small M (inference at small batch) wastes less on padding."""
+    if INTERPRET:
+        return 16
+    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 4096 else 128
+
+
+def bsr_matmul(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    out_features: int,
+    *,
+    source: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    store_pre_activation: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [M, K] (any strides) -> (y [M, out_features], pre-activation or None).
+
+    With ``source`` given, (crow_indices, col_indices) is W^T's structure and
+    values are W's blocks, read transposed (dx = dy @ W).
+    """
+    m = x.shape[0]
+    _, bh, bw = values.shape
+    transposed = source is not None
+    out_block = bw if transposed else bh
+    y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
+    pre = torch.empty_like(y) if store_pre_activation else None
+    block_rows = out_features // out_block
+    if m == 0 or block_rows == 0:
+        return y, pre
+    block_m = _block_m(m)
+    grid = (triton.cdiv(m, block_m), block_rows)
+    _bsr_matmul_kernel[grid](
+        x, values, crow_indices, col_indices,
+        source if transposed else col_indices,  # unused when not transposed
+        bias if bias is not None else y,  # unused without bias
+        y, pre if pre is not None else y,
+        m,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        BH=bh, BW=bw, BLOCK_M=block_m,
+        TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATIONS.index(activation), STORE_PRE=store_pre_activation,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        num_warps=4 if block_m * out_block <= 64 * 64 else 8,
+        num_stages=1 if INTERPRET else 3,
+    )
+    return y, pre
+
+
+def bsr_sdd(dy: torch.Tensor, x: torch.Tensor, block_row: torch.Tensor, col_indices: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+    """dW at stored blocks: dy [M, N], x [M, K] -> dvalues [nnz, bh, bw] (fp32 accumulation, x.dtype out)."""
+    bh, bw = block_shape
+    nnz = col_indices.numel()
+    dvalues = torch.empty(nnz, bh, bw, device=x.device, dtype=x.dtype)
+    m = x.shape[0]
+    if nnz == 0:
+        return dvalues
+    if m == 0:
+        return dvalues.zero_()
+    block_m = 16 if INTERPRET else 64
+    _bsr_sdd_kernel[(nnz,)](
+        dy, x, block_row, col_indices, dvalues,
+        m,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        BH=bh, BW=bw, BLOCK_M=block_m,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        num_warps=4, num_stages=1 if INTERPRET else 3,
+    )
+    return dvalues
+
+
+def gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """d gelu(z)/dz * grad for the exact GELU, in fp32."""
+    z = pre.float()
+    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+    return (grad.float() * (cdf + z * pdf)).to(grad.dtype)

@@ -1,0 +1,200 @@
+"""Triton block-sparse matmul under TRITON_INTERPRET=1 (CPU): forward, backward, module, op registration.
+
+Error bound in the flash-attention style: the kernel's error against an fp32
+reference is at most twice that of PyTorch's same-precision dense run, plus a
+small atol.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lotus_kernels import SparseLinear, backends, masks, ops
+from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
+
+
+def make_case(m, in_features, out_features, density, block_size, dtype, seed=0, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    bh, bw = masks.block_shape(block_size)
+    w = torch.randn(out_features, in_features, generator=g)
+    blocks = (out_features // bh) * (in_features // bw)
+    keep = torch.zeros(blocks, dtype=torch.bool)
+    keep[torch.randperm(blocks, generator=g)[: round(density * blocks)]] = True
+    mask = masks.expand_block_mask(keep.reshape(out_features // bh, in_features // bw), (bh, bw))
+    crow, col, values = ops.dense_to_bsr(w.to(dtype), mask, (bh, bw))
+    x = torch.randn(*lead, m, in_features, generator=g).to(dtype)
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    return x, crow, col, values, bias
+
+
+def assert_close_to_reference(got, x, crow, col, values, n, bias, activation, tolerance_scale=2.0):
+    """Kernel error vs fp32 <= 2x (PyTorch same-precision error) + atol."""
+    exact = block_sparse_matmul_ref(x.double(), crow, col, values.double(), n, None if bias is None else bias.double(), activation)
+    torch_same_precision = block_sparse_matmul_ref(x, crow, col, values, n, bias, activation)
+    torch_error = (torch_same_precision.double() - exact).abs().max().item()
+    ours = (got.double() - exact).abs().max().item()
+    atol = 1e-5 if x.dtype == torch.float32 else 1e-2
+    assert ours <= tolerance_scale * torch_error + atol, (ours, torch_error)
+
+
+@pytest.mark.parametrize("m", [1, 7, 65, 130])
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 1.0])
+def test_forward_and_backward_against_reference(m, density):
+    x, crow, col, values, bias = make_case(m, 96, 64, density, 32, torch.float32)
+    x.requires_grad_()
+    values.requires_grad_()
+    bias.requires_grad_()
+    y = ops.block_sparse_matmul(x, values, crow, col, 64, bias)
+    assert_close_to_reference(y, x.detach(), crow, col, values.detach(), 64, bias.detach(), "none")
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x_ref, v_ref, b_ref = (t.detach().double().requires_grad_() for t in (x, values, bias))
+    block_sparse_matmul_ref(x_ref, crow, col, v_ref, 64, b_ref).backward(grad.double())
+    for got, expected in ((x.grad, x_ref.grad), (values.grad, v_ref.grad), (bias.grad, b_ref.grad)):
+        assert got.shape == expected.shape
+        assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "in_features,out_features,block_size",
+    [(64, 64, 16), (96, 192, 32), (192, 96, (16, 32)), (192, 64, (32, 16)), (64, 192, 64)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_shapes_blocks_and_dtypes(in_features, out_features, block_size, dtype):
+    x, crow, col, values, bias = make_case(65, in_features, out_features, 0.5, block_size, dtype, lead=(2,))
+    y = ops.block_sparse_matmul(x, values, crow, col, out_features, bias)
+    assert y.shape == (2, 65, out_features) and y.dtype == dtype
+    assert_close_to_reference(y, x, crow, col, values, out_features, bias, "none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_gelu_forward_and_backward(dtype):
+    x, crow, col, values, bias = make_case(33, 64, 96, 0.5, 16, dtype)
+    y = ops.block_sparse_matmul(x, values, crow, col, 96, bias, "gelu")
+    assert_close_to_reference(y, x, crow, col, values, 96, bias, "gelu")
+    if dtype == torch.float32:
+        x.requires_grad_()
+        values.requires_grad_()
+        bias.requires_grad_()
+        ops.block_sparse_matmul(x, values, crow, col, 96, bias, "gelu").sum().backward()
+        x_ref, v_ref, b_ref = (t.detach().double().requires_grad_() for t in (x, values, bias))
+        block_sparse_matmul_ref(x_ref, crow, col, v_ref, 96, b_ref, "gelu").sum().backward()
+        for got, expected in ((x.grad, x_ref.grad), (values.grad, v_ref.grad), (bias.grad, b_ref.grad)):
+            assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_block_rows_write_bias_only_and_non_contiguous_x():
+    x, crow, col, values, bias = make_case(7, 64, 64, 1.0, 16, torch.float32)
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[1] = False  # block row 1 empty
+    w = torch.randn(64, 64)
+    crow, col, values = ops.dense_to_bsr(w, keep, 16)
+    x_t = torch.randn(64, 7).t()  # non-contiguous [7, 64]
+    y = ops.block_sparse_matmul(x_t, values, crow, col, 64, bias)
+    assert torch.equal(y[:, 16:32], bias[16:32].expand(7, 16))
+    assert_close_to_reference(y, x_t, crow, col, values, 64, bias, "none")
+
+
+def test_no_bias_and_no_rows():
+    x, crow, col, values, _ = make_case(0, 64, 64, 0.5, 16, torch.float32)
+    assert ops.block_sparse_matmul(x, values, crow, col, 64).shape == (0, 64)
+    x, crow, col, values, _ = make_case(5, 64, 64, 0.5, 16, torch.float32)
+    assert_close_to_reference(ops.block_sparse_matmul(x, values, crow, col, 64), x, crow, col, values, 64, None, "none")
+
+
+@pytest.mark.parametrize("pattern_block", [16, (16, 32)])
+def test_sparse_linear_triton_backend_matches_reference_and_trains(pattern_block):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 64)
+    triton_layer = SparseLinear.from_dense(linear, "block", sparsity=0.5, block_size=pattern_block, backend="triton")
+    reference = SparseLinear.from_dense(linear, "block", sparsity=0.5, block_size=pattern_block, backend="reference")
+    x = torch.randn(3, 11, 96)
+    assert torch.allclose(triton_layer(x), reference(x), rtol=1e-5, atol=1e-5)
+    optimizer = torch.optim.SGD(triton_layer.parameters(), lr=0.1)
+    mask = triton_layer.mask()
+    F.mse_loss(triton_layer(x), torch.zeros(3, 11, 64)).backward()
+    optimizer.step()
+    weight = triton_layer.to_dense()
+    assert bool((weight[~mask] == 0).all()) and not torch.equal(weight, reference.to_dense())
+
+
+def test_auto_on_cpu_keeps_the_reference_and_explicit_triton_needs_the_interpreter(monkeypatch):
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16)
+    assert backends.select_for(layer, torch.randn(2, 64), layer.spec()).name == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = dict(backends.explain(layer.spec()))["triton"]
+    assert "TRITON_INTERPRET=1" in reason
+    layer.backend = "triton"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        layer(torch.randn(2, 64))
+
+
+def test_triton_declines_what_it_cannot_run():
+    spec = backends.LayerSpec("block", torch.device("cuda"), torch.float16, (8, 32))
+    assert "block sizes" in dict(backends.explain(spec))["triton"]
+    spec = backends.LayerSpec("block", torch.device("cuda"), torch.float64, (32, 32))
+    assert "dtype" in dict(backends.explain(spec))["triton"]
+    spec = backends.LayerSpec("2:4", torch.device("cuda"), torch.float16)
+    assert "block' only" in dict(backends.explain(spec))["triton"]
+    assert dict(backends.explain(backends.LayerSpec("block", torch.device("cuda"), torch.bfloat16, (64, 16))))["triton"] is None
+
+
+def test_auto_on_cuda_times_once_per_shape_and_keeps_the_fastest(monkeypatch):
+    monkeypatch.setattr(backends, "_AUTO_CHOICE", {})
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16)
+
+    class FakeCudaInput:  # decision logic only: nothing runs
+        device = torch.device("cuda")
+
+        def __init__(self, *shape):
+            self.shape = torch.Size(shape)
+
+    spec = backends.LayerSpec("block", torch.device("cuda"), torch.float16, (16, 16))
+    calls = []
+
+    def timer(times):
+        def time(backend, module, x):
+            calls.append(backend.name)
+            return times[backend.name]
+
+        return time
+
+    fast_triton = timer({"triton": 1.0, "reference": 2.0})
+    assert backends.select_for(layer, FakeCudaInput(8, 197, 64), spec, fast_triton).name == "triton"
+    assert sorted(calls) == ["reference", "triton"]
+    # Same shape bucket (rows 1576 -> 2048): cached, no new timing.
+    assert backends.select_for(layer, FakeCudaInput(1600, 64), spec, fast_triton).name == "triton"
+    assert len(calls) == 2
+    # Another bucket where dense wins: the reference (cuBLAS on the dense weight) is chosen.
+    assert backends.select_for(layer, FakeCudaInput(1, 64), spec, timer({"triton": 3.0, "reference": 2.0})).name == "reference"
+
+
+@pytest.mark.parametrize(
+    "call,exc,text",
+    [
+        (lambda c: ops.block_sparse_matmul(c[0].double(), c[3], c[1], c[2], 64), TypeError, "share a dtype"),
+        (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 64, activation="relu"), ValueError, "activation"),
+        (lambda c: ops.block_sparse_matmul(c[0][:, :40], c[3], c[1], c[2], 64), ValueError, "multiples of the block"),
+        (lambda c: ops.block_sparse_matmul(c[0][:, :16], c[3], c[1], c[2], 64), ValueError, "holds only 1 blocks"),
+        (lambda c: ops.block_sparse_matmul(c[0][:, :32], c[3], c[1], c[2], 64, structure=ops.bsr_backward_structure(c[1], c[2], 64, 64, (16, 16))), ValueError, "does not match the weight's in_features 64"),
+        (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 80), ValueError, "crow_indices must be"),
+        (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 64, c[4][:32]), ValueError, "bias must be"),
+        (lambda c: ops.block_sparse_matmul(c[0], c[3][:, :8], c[1], c[2], 64), ValueError, "bh, bw in"),
+    ],
+)
+def test_bad_input(call, exc, text):
+    case = make_case(5, 64, 64, 0.5, 16, torch.float32)
+    with pytest.raises(exc) as info:
+        call(case)
+    assert text in str(info.value)
+
+
+def test_opcheck_and_compile():
+    x, crow, col, values, bias = make_case(9, 64, 64, 0.5, 16, torch.float32)
+    structure = ops.bsr_backward_structure(crow, col, 64, 64, (16, 16))
+    args = (x, values.requires_grad_(), crow, col, *structure, bias, 64, "none", False)
+    torch.library.opcheck(torch.ops.lotus_kernels.block_sparse_matmul.default, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16, backend="triton")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 64)
+    assert torch.allclose(compiled(x), layer(x))
