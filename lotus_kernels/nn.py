@@ -62,6 +62,8 @@ __all__ = [
 
 # Linear layers of a transformer block that pruning targets (timm names).
 PRUNABLE_LAYER_NAMES = frozenset({"qkv", "q", "k", "v", "kv", "proj", "fc1", "fc2"})
+# Epilogues a SparseLinear can apply itself ("gelu": exact erf GELU, fused by the kernel backends).
+ACTIVATIONS = ("none", "gelu")
 # What the compaction ops accept (see csrc/mask_compaction.cpp: check_floating).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _STATE_VERSION = 1
@@ -114,7 +116,8 @@ class SparseLinear(nn.Module):
     sized later by ``load_state_dict``.
 
     x: [..., in_features] of the weight's dtype (or any dtype under autocast)
-    -> [..., out_features].
+    -> [..., out_features]. activation "none" | "gelu" (exact GELU, applied
+    after the bias; kernel backends fuse it into the matmul's epilogue).
     """
 
     def __init__(
@@ -126,10 +129,14 @@ class SparseLinear(nn.Module):
         pattern: str = "unstructured",
         block_size=32,
         backend: str = "auto",
+        activation: str = "none",
         device=None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         self.in_features = _check_features(in_features, "in_features")
         self.out_features = _check_features(out_features, "out_features")
         self.pattern = _check_pattern(pattern)
@@ -173,6 +180,7 @@ class SparseLinear(nn.Module):
         block_size=32,
         mask: torch.Tensor | None = None,
         backend: str = "auto",
+        activation: str = "none",
     ) -> "SparseLinear":
         """Prune ``linear`` and store it compactly; the bias is kept as is.
 
@@ -194,6 +202,7 @@ class SparseLinear(nn.Module):
             pattern=pattern,
             block_size=block_size,
             backend=backend,
+            activation=activation,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -299,9 +308,10 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         block = f", block_size={self.block_size}" if self.pattern == "block" else ""
+        activation = f", activation={self.activation!r}" if self.activation != "none" else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"pattern={self.pattern!r}{block}, density={self.density:.3f}, backend={self.backend!r}"
+            f"pattern={self.pattern!r}{block}, density={self.density:.3f}, backend={self.backend!r}{activation}"
         )
 
     # --------------------------------------------------------------- forward
@@ -330,22 +340,23 @@ class SparseLinear(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         return backends.LayerSpec(self.pattern, like.device, dtype, self.block_size if self.pattern == "block" else None)
 
-    def backward_structure(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block pattern: (crow_t, col_t, source_t, block_row), the index structure kernel backends walk.
+    def block_structure(self) -> ops.BlockSparseStructure:
+        """Block pattern: the index structure the kernel backends walk besides the BSR triple.
 
         Derived from (crow_indices, col_indices); kept as non-persistent
-        buffers, rebuilt whenever the structure changes (set_weight_, load).
+        buffers (they follow .to(device)), rebuilt whenever the structure
+        changes (set_weight_, load_state_dict), never per call.
         """
         if self.pattern != "block":
-            raise ValueError(f"backward_structure is for pattern 'block', this layer is {self.pattern!r}")
-        return self.crow_t, self.col_t, self.source_t, self.block_row
+            raise ValueError(f"block_structure is for pattern 'block', this layer is {self.pattern!r}")
+        return ops.BlockSparseStructure(*(getattr(self, f"_bs_{name}") for name in ops.BlockSparseStructure._fields))
 
     def _refresh_block_structure(self) -> None:
-        structure = ops.bsr_backward_structure(
+        structure = ops.block_sparse_structure(
             self.crow_indices, self.col_indices, self.out_features, self.in_features, self.block_size
         )
-        for name, tensor in zip(("crow_t", "col_t", "source_t", "block_row"), structure):
-            self.register_buffer(name, tensor, persistent=False)
+        for name, tensor in structure._asdict().items():
+            self.register_buffer(f"_bs_{name}", tensor, persistent=False)
 
     # ------------------------------------------------------------ state_dict
 
@@ -356,6 +367,7 @@ class SparseLinear(nn.Module):
             "block_size": self.block_size,
             "in_features": self.in_features,
             "out_features": self.out_features,
+            "activation": self.activation,
         }
 
     def set_extra_state(self, state) -> None:
@@ -389,8 +401,8 @@ class SparseLinear(nn.Module):
         saved = state_dict.get(prefix + "_extra_state")
         if isinstance(saved, Mapping):
             mine = self.get_extra_state()
-            keys = ("pattern", "in_features", "out_features") + (("block_size",) if self.pattern == "block" else ())
-            theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()}
+            keys = ("pattern", "in_features", "out_features", "activation") + (("block_size",) if self.pattern == "block" else ())
+            theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in {"activation": "none", **saved}.items()}
             diff = [f"{k} saved {theirs.get(k)!r} vs module {mine[k]!r}" for k in keys if theirs.get(k) != mine[k]]
             if diff:
                 return "the saved layer does not match this module: " + ", ".join(diff)
@@ -451,13 +463,17 @@ class SparsityConfig:
 
     pattern: "unstructured" | "2:4" | "block"; sparsity in [0, 1) (2:4: 0.5);
     block_size: int or (bh, bw), for "block"; backend: "auto" or a name from
-    ``lotus_kernels.backends.backend_names()``.
+    ``lotus_kernels.backends.backend_names()``; fuse_gelu: see below.
     """
 
     pattern: str = "unstructured"
     sparsity: float = 0.5
     block_size: int | tuple[int, int] = 32
     backend: str = "auto"
+    # Move an exact nn.GELU that follows a sparsified fc1 (timm's Mlp) into
+    # that layer, so kernel backends apply it in the matmul's epilogue; the
+    # Mlp's act becomes nn.Identity (densify_ puts the GELU back).
+    fuse_gelu: bool = False
 
     def __post_init__(self):
         _check_pattern(self.pattern)
@@ -539,7 +555,22 @@ def sparsify_(
     unknown -= set(replaced)
     if unknown:
         raise ValueError(f"sparsify_: masks given for layers that were not sparsified: {sorted(unknown)}")
+    if config.fuse_gelu:
+        _fuse_mlp_gelu(model)
     return model
+
+
+def _is_exact_gelu(module: nn.Module) -> bool:
+    return type(module) is nn.GELU and module.approximate == "none"
+
+
+def _fuse_mlp_gelu(model: nn.Module) -> None:
+    """fc1 -> act(GELU) pairs (timm's Mlp, whose forward is fc1, act, drop, norm, fc2): the GELU moves into fc1."""
+    for module in model.modules():
+        fc1, act = getattr(module, "fc1", None), getattr(module, "act", None)
+        if isinstance(fc1, SparseLinear) and fc1.activation == "none" and act is not None and _is_exact_gelu(act):
+            fc1.activation = "gelu"
+            module.act = nn.Identity()
 
 
 def densify_(model: nn.Module) -> nn.Module:
@@ -547,9 +578,18 @@ def densify_(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
+    # Undo fuse_gelu first: the GELU goes back to the Mlp's act.
+    for module in model.modules():
+        fc1, act = getattr(module, "fc1", None), getattr(module, "act", None)
+        if isinstance(fc1, SparseLinear) and fc1.activation == "gelu" and isinstance(act, nn.Identity):
+            fc1.activation = "none"
+            module.act = nn.GELU()
+
     def swap(module: nn.Module, name: str):
         if not isinstance(module, SparseLinear):
             return None
+        if module.activation != "none":
+            raise ValueError(f"densify_: layer {name!r} applies {module.activation!r} itself and has no Mlp act to return it to")
         weight = module.to_dense().detach()
         linear = nn.Linear(
             module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=weight.dtype

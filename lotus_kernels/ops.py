@@ -11,6 +11,8 @@ for the tensors' device.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _extension
@@ -174,15 +176,53 @@ def _bsr_kernels():
     return block_sparse_matmul
 
 
+class BlockSparseStructure(NamedTuple):
+    """Index tensors the block-sparse kernels walk besides the BSR triple (int64, computed once per structure).
+
+    row_order [R/bh]: block rows, most stored blocks first (launch order);
+    crow_t [C/bw + 1], col_t [nnz], source_t [nnz]: W^T's structure, source_t
+    indexing W's values; row_order_t [C/bw]: its launch order; block_row
+    [nnz]: each stored block's block row (for dW).
+    """
+
+    row_order: torch.Tensor
+    crow_t: torch.Tensor
+    col_t: torch.Tensor
+    source_t: torch.Tensor
+    row_order_t: torch.Tensor
+    block_row: torch.Tensor
+
+
+def block_sparse_structure(crow_indices, col_indices, out_features: int, in_features: int, block_shape) -> BlockSparseStructure:
+    """The ``BlockSparseStructure`` of a BSR weight [out_features, in_features] with blocks block_shape (pure torch)."""
+    bh, bw = block_shape
+    crow_t, col_t, source_t = bsr_transpose_structure(crow_indices, col_indices, out_features // bh, in_features // bw)
+    return BlockSparseStructure(
+        row_order=_block_row_order(crow_indices),
+        crow_t=crow_t,
+        col_t=col_t,
+        source_t=source_t,
+        row_order_t=_block_row_order(crow_t),
+        block_row=bsr_row_indices(crow_indices, col_indices.numel()),
+    )
+
+
+def _block_row_order(crow: torch.Tensor) -> torch.Tensor:
+    # Longest block rows launch first; stable, so equal rows keep their order.
+    return torch.argsort(crow.diff(), descending=True, stable=True)
+
+
 @torch.library.custom_op("lotus_kernels::block_sparse_matmul", mutates_args=())
 def _block_sparse_matmul(
     x: torch.Tensor,
     values: torch.Tensor,
     crow_indices: torch.Tensor,
     col_indices: torch.Tensor,
+    row_order: torch.Tensor,
     crow_t: torch.Tensor,
     col_t: torch.Tensor,
     source_t: torch.Tensor,
+    row_order_t: torch.Tensor,
     block_row: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
@@ -191,26 +231,27 @@ def _block_sparse_matmul(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, pre = _bsr_kernels().bsr_matmul(
         x, values, crow_indices, col_indices, out_features,
-        bias=bias, activation=activation, store_pre_activation=store_pre_activation,
+        row_order=row_order, bias=bias, activation=activation, store_pre_activation=store_pre_activation,
     )
     return y, pre if pre is not None else x.new_empty(0)
 
 
 @_block_sparse_matmul.register_fake
-def _(x, values, crow_indices, col_indices, crow_t, col_t, source_t, block_row, bias, out_features, activation, store_pre_activation):
+def _(x, values, crow_indices, col_indices, row_order, crow_t, col_t, source_t, row_order_t, block_row, bias, out_features, activation, store_pre_activation):
     y = x.new_empty((x.shape[0], out_features))
     return y, x.new_empty((x.shape[0], out_features) if store_pre_activation else (0,))
 
 
 @torch.library.custom_op("lotus_kernels::block_sparse_matmul_dx", mutates_args=())
 def _block_sparse_matmul_dx(
-    grad: torch.Tensor, values: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor, source_t: torch.Tensor, in_features: int
+    grad: torch.Tensor, values: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor, source_t: torch.Tensor,
+    row_order_t: torch.Tensor, in_features: int,
 ) -> torch.Tensor:
-    return _bsr_kernels().bsr_matmul(grad, values, crow_t, col_t, in_features, source=source_t)[0]
+    return _bsr_kernels().bsr_matmul(grad, values, crow_t, col_t, in_features, row_order=row_order_t, source=source_t)[0]
 
 
 @_block_sparse_matmul_dx.register_fake
-def _(grad, values, crow_t, col_t, source_t, in_features):
+def _(grad, values, crow_t, col_t, source_t, row_order_t, in_features):
     return grad.new_empty((grad.shape[0], in_features))
 
 
@@ -225,13 +266,13 @@ def _(grad, x, block_row, col_indices, block_rows, block_cols):
 
 
 def _block_sparse_matmul_setup(ctx, inputs, output):
-    x, values, crow, col, crow_t, col_t, source_t, block_row, bias, out_features, activation, _ = inputs
-    ctx.save_for_backward(x, values, col, crow_t, col_t, source_t, block_row, output[1])
+    x, values, crow, col, row_order, crow_t, col_t, source_t, row_order_t, block_row, bias, _, activation, _ = inputs
+    ctx.save_for_backward(x, values, col, crow_t, col_t, source_t, row_order_t, block_row, output[1])
     ctx.activation, ctx.has_bias = activation, bias is not None
 
 
 def _block_sparse_matmul_backward(ctx, grad_y, grad_pre):
-    x, values, col, crow_t, col_t, source_t, block_row, pre = ctx.saved_tensors
+    x, values, col, crow_t, col_t, source_t, row_order_t, block_row, pre = ctx.saved_tensors
     grad = grad_y
     if ctx.activation == "gelu":
         if pre.numel() == 0:
@@ -241,12 +282,12 @@ def _block_sparse_matmul_backward(ctx, grad_y, grad_pre):
     _, bh, bw = values.shape
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = _block_sparse_matmul_dx(grad, values, crow_t, col_t, source_t, x.shape[1])
+        grad_x = _block_sparse_matmul_dx(grad, values, crow_t, col_t, source_t, row_order_t, x.shape[1])
     if ctx.needs_input_grad[1]:
         grad_values = _block_sparse_sdd(grad, x, block_row, col, bh, bw)
-    if ctx.has_bias and ctx.needs_input_grad[8]:
+    if ctx.has_bias and ctx.needs_input_grad[10]:
         grad_bias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
-    return grad_x, grad_values, None, None, None, None, None, None, grad_bias, None, None, None
+    return (grad_x, grad_values) + (None,) * 8 + (grad_bias, None, None, None)
 
 
 _block_sparse_matmul.register_autograd(_block_sparse_matmul_backward, setup_context=_block_sparse_matmul_setup)
@@ -261,7 +302,7 @@ def block_sparse_matmul(
     bias: torch.Tensor | None = None,
     activation: str = "none",
     *,
-    structure: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    structure: BlockSparseStructure | None = None,
 ) -> torch.Tensor:
     """act(x @ W^T + bias) with W [out_features, K] as the BSR triple (Triton kernels, forward and backward).
 
@@ -269,9 +310,8 @@ def block_sparse_matmul(
     [nnz, bh, bw] with bh, bw in {16, 32, 64, 128}, int64 crow/col, bias
     [out_features] or None, activation "none" | "gelu" -> [..., out_features].
     Gradients flow to x, the stored blocks only, and bias.
-    structure: (crow_t, col_t, source_t, block_row) from
-    ``bsr_backward_structure``; computed here when not given (pass it when
-    calling repeatedly with one structure).
+    structure: from ``block_sparse_structure``; computed here when not given
+    (pass it when calling repeatedly with one structure, as SparseLinear does).
     """
     _check_block_sparse_matmul_args(x, values, crow_indices, col_indices, out_features, bias, activation)
     block_cols = x.shape[-1] // values.shape[2]
@@ -282,25 +322,18 @@ def block_sparse_matmul(
                 f"block_sparse_matmul: the weight has block columns up to {int(col_indices.max())} but x's last dim "
                 f"{x.shape[-1]} holds only {block_cols} blocks of width {values.shape[2]}"
             )
-        structure = bsr_backward_structure(crow_indices, col_indices, out_features, x.shape[-1], values.shape[1:])
-    elif structure[0].shape != (block_cols + 1,):
+        structure = block_sparse_structure(crow_indices, col_indices, out_features, x.shape[-1], values.shape[1:])
+    elif structure.crow_t.shape != (block_cols + 1,):
         # The transposed row pointer has one entry per block column of W: it fixes in_features.
         raise ValueError(
             f"block_sparse_matmul: x's last dim {x.shape[-1]} does not match the weight's in_features "
-            f"{(structure[0].shape[0] - 1) * values.shape[2]}"
+            f"{(structure.crow_t.shape[0] - 1) * values.shape[2]}"
         )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     store_pre = activation == "gelu" and torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
     y, _ = _block_sparse_matmul(x2, values, crow_indices, col_indices, *structure, bias, out_features, activation, store_pre)
     return y.reshape(*lead, out_features)
-
-
-def bsr_backward_structure(crow_indices, col_indices, out_features: int, in_features: int, block_shape) -> tuple[torch.Tensor, ...]:
-    """(crow_t, col_t, source_t, block_row): what the backward pass walks, computed once per structure."""
-    bh, bw = block_shape
-    crow_t, col_t, source_t = bsr_transpose_structure(crow_indices, col_indices, out_features // bh, in_features // bw)
-    return crow_t, col_t, source_t, bsr_row_indices(crow_indices, col_indices.numel())
 
 
 BLOCK_SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

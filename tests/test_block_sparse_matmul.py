@@ -176,7 +176,7 @@ def test_auto_on_cuda_times_once_per_shape_and_keeps_the_fastest(monkeypatch):
         (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 64, activation="relu"), ValueError, "activation"),
         (lambda c: ops.block_sparse_matmul(c[0][:, :40], c[3], c[1], c[2], 64), ValueError, "multiples of the block"),
         (lambda c: ops.block_sparse_matmul(c[0][:, :16], c[3], c[1], c[2], 64), ValueError, "holds only 1 blocks"),
-        (lambda c: ops.block_sparse_matmul(c[0][:, :32], c[3], c[1], c[2], 64, structure=ops.bsr_backward_structure(c[1], c[2], 64, 64, (16, 16))), ValueError, "does not match the weight's in_features 64"),
+        (lambda c: ops.block_sparse_matmul(c[0][:, :32], c[3], c[1], c[2], 64, structure=ops.block_sparse_structure(c[1], c[2], 64, 64, (16, 16))), ValueError, "does not match the weight's in_features 64"),
         (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 80), ValueError, "crow_indices must be"),
         (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 64, c[4][:32]), ValueError, "bias must be"),
         (lambda c: ops.block_sparse_matmul(c[0], c[3][:, :8], c[1], c[2], 64), ValueError, "bh, bw in"),
@@ -191,10 +191,37 @@ def test_bad_input(call, exc, text):
 
 def test_opcheck_and_compile():
     x, crow, col, values, bias = make_case(9, 64, 64, 0.5, 16, torch.float32)
-    structure = ops.bsr_backward_structure(crow, col, 64, 64, (16, 16))
+    structure = ops.block_sparse_structure(crow, col, 64, 64, (16, 16))
     args = (x, values.requires_grad_(), crow, col, *structure, bias, 64, "none", False)
     torch.library.opcheck(torch.ops.lotus_kernels.block_sparse_matmul.default, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16, backend="triton")
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(4, 64)
     assert torch.allclose(compiled(x), layer(x))
+
+
+def test_structure_by_hand():
+    # W: 3 block rows x 2 block cols; stored blocks (0,1), (2,0), (2,1); block row 1 empty.
+    crow = torch.tensor([0, 1, 1, 3])
+    col = torch.tensor([1, 0, 1])
+    s = ops.block_sparse_structure(crow, col, 48, 32, (16, 16))
+    assert s.row_order.tolist() == [2, 0, 1]  # heaviest first, stable among ties
+    assert s.crow_t.tolist() == [0, 1, 3] and s.col_t.tolist() == [2, 0, 2] and s.source_t.tolist() == [1, 0, 2]
+    assert s.row_order_t.tolist() == [1, 0]
+    assert s.block_row.tolist() == [0, 2, 2]
+
+
+def test_triton_backend_in_a_timm_vit_with_fused_gelu():
+    import copy
+
+    import timm
+
+    from lotus_kernels import SparsityConfig, sparsify_
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=2, num_classes=10).eval()
+    reference = sparsify_(copy.deepcopy(model), SparsityConfig("block", 0.5, block_size=16, backend="reference"))
+    fused = sparsify_(copy.deepcopy(model), SparsityConfig("block", 0.5, block_size=16, backend="triton", fuse_gelu=True))
+    x = torch.randn(2, 3, 32, 32)
+    assert fused.blocks[0].mlp.fc1.activation == "gelu"
+    assert torch.allclose(fused(x), reference(x), rtol=1e-4, atol=1e-4)

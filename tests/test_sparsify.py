@@ -170,3 +170,20 @@ def test_compiled_sparsified_vit():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(compiled(x), model(x))
+
+
+def test_fuse_gelu_moves_the_mlp_activation_into_fc1_and_back():
+    dense = small_vit()
+    plain = sparsify_(copy.deepcopy(dense), SparsityConfig("block", 0.5, block_size=16))
+    fused = sparsify_(copy.deepcopy(dense), SparsityConfig("block", 0.5, block_size=16, fuse_gelu=True))
+    assert fused.blocks[0].mlp.fc1.activation == "gelu" and isinstance(fused.blocks[0].mlp.act, nn.Identity)
+    assert fused.blocks[0].attn.qkv.activation == "none"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fused(x), plain(x))
+    restored = densify_(fused)
+    assert isinstance(restored.blocks[0].mlp.act, nn.GELU)
+    assert torch.equal(restored(x), fake_sparse(dense, plain)(x))
+    # The saved state records the activation: a layer without it refuses the state.
+    state = sparsify_(copy.deepcopy(dense), SparsityConfig("2:4", fuse_gelu=True)).state_dict()
+    with pytest.raises(RuntimeError, match="activation saved 'gelu' vs module 'none'"):
+        sparsify_(small_vit(), "2:4").load_state_dict(state)

@@ -45,8 +45,8 @@ def _block_sparse_forward(module, x: torch.Tensor) -> torch.Tensor:
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(x.device.type, enabled=False):
         return ops.block_sparse_matmul(
-            x, values, module.crow_indices, module.col_indices, module.out_features, bias,
-            structure=module.backward_structure(),
+            x, values, module.crow_indices, module.col_indices, module.out_features, bias, module.activation,
+            structure=module.block_structure(),
         )
 
 

@@ -68,9 +68,10 @@ def _gelu(z):
 
 @triton.jit
 def _bsr_matmul_kernel(
-    x_ptr, values_ptr, crow_ptr, col_ptr, source_ptr, bias_ptr, y_ptr, pre_ptr,
+    x_ptr, values_ptr, crow_ptr, col_ptr, source_ptr, row_order_ptr, bias_ptr, y_ptr, pre_ptr,
     M,
     stride_xm, stride_xk, stride_ym, stride_yn,
+    M_BUCKET, N, K, NNZ,  # autotuning keys only
     BH: tl.constexpr, BW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     TRANSPOSED: tl.constexpr,  # walk W^T's structure (dx = dy @ W)
@@ -84,8 +85,12 @@ def _bsr_matmul_kernel(
     # Transposed: W^T's blocks are W's blocks transposed, [BW, BH] = [OUT_B, IN_B].
     OUT_B: tl.constexpr = BW if TRANSPOSED else BH
     IN_B: tl.constexpr = BH if TRANSPOSED else BW
+    # Block rows are launched heaviest first (row_order, computed once per
+    # structure): with uneven rows the long ones start early instead of
+    # trailing at the end of the grid. Axis 0 walks M fastest, so the
+    # programs of one block row run together and share its weight blocks in L2.
     pid_m = tl.program_id(0)
-    block_row = tl.program_id(1)
+    block_row = tl.load(row_order_ptr + tl.program_id(1))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_in = tl.arange(0, IN_B)
     offs_out = tl.arange(0, OUT_B)
@@ -131,6 +136,7 @@ def _bsr_sdd_kernel(
     dy_ptr, x_ptr, row_ptr, col_ptr, dvalues_ptr,
     M,
     stride_dym, stride_dyn, stride_xm, stride_xk,
+    M_BUCKET, NNZ,  # autotuning keys only
     BH: tl.constexpr, BW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -162,11 +168,37 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and INTERPRET else "tf32"
 
 
-def _block_m(m: int) -> int:
-    """Rows of x per program: small M (inference at small batch) wastes less on padding."""
-    if INTERPRET:
-        return 16
-    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 4096 else 128
+def _m_bucket(m: int) -> int:
+    """Rows rounded up to a power of two: the autotuner tunes once per bucket, not per batch size."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+# Tile M, warps and pipelining depth. Small tiles serve inference at small
+# batch (less padding), large ones training-size M (more reuse of each weight
+# block). Tuned per (M bucket, N, K, nnz) and block shape on first use.
+_MATMUL_CONFIGS = [
+    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+    for block_m, warps, stages in [
+        (16, 4, 3), (32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3),
+        (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3),
+    ]
+]
+_SDD_CONFIGS = [
+    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+    for block_m, warps, stages in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
+]
+
+if INTERPRET:
+    # One fixed config: the interpreter is slow and its timings mean nothing.
+    _INTERPRETER_META = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
+    _matmul = _bsr_matmul_kernel
+    _sdd = _bsr_sdd_kernel
+else:
+    _INTERPRETER_META = {}
+    _matmul = triton.autotune(_MATMUL_CONFIGS, key=["M_BUCKET", "N", "K", "NNZ", "BH", "BW", "TRANSPOSED", "ACTIVATION"])(
+        _bsr_matmul_kernel
+    )
+    _sdd = triton.autotune(_SDD_CONFIGS, key=["M_BUCKET", "NNZ", "BH", "BW"])(_bsr_sdd_kernel)
 
 
 def bsr_matmul(
@@ -176,6 +208,7 @@ def bsr_matmul(
     col_indices: torch.Tensor,
     out_features: int,
     *,
+    row_order: torch.Tensor,
     source: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     activation: str = "none",
@@ -183,10 +216,11 @@ def bsr_matmul(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [M, K] (any strides) -> (y [M, out_features], pre-activation or None).
 
-    With ``source`` given, (crow_indices, col_indices) is W^T's structure and
-    values are W's blocks, read transposed (dx = dy @ W).
+    row_order [block rows] int64: the order block rows are launched in
+    (``ops.BlockSparseStructure``). With ``source`` given, (crow_indices, col_indices)
+    is W^T's structure and values are W's blocks, read transposed (dx = dy @ W).
     """
-    m = x.shape[0]
+    m, k = x.shape
     _, bh, bw = values.shape
     transposed = source is not None
     out_block = bw if transposed else bh
@@ -195,21 +229,21 @@ def bsr_matmul(
     block_rows = out_features // out_block
     if m == 0 or block_rows == 0:
         return y, pre
-    block_m = _block_m(m)
-    grid = (triton.cdiv(m, block_m), block_rows)
-    _bsr_matmul_kernel[grid](
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), block_rows)  # noqa: E731
+    _matmul[grid](
         x, values, crow_indices, col_indices,
         source if transposed else col_indices,  # unused when not transposed
+        row_order,
         bias if bias is not None else y,  # unused without bias
         y, pre if pre is not None else y,
         m,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BH=bh, BW=bw, BLOCK_M=block_m,
+        _m_bucket(m), out_features, k, values.shape[0],
+        BH=bh, BW=bw,
         TRANSPOSED=transposed, HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATIONS.index(activation), STORE_PRE=store_pre_activation,
         INPUT_PRECISION=_input_precision(x.dtype),
-        num_warps=4 if block_m * out_block <= 64 * 64 else 8,
-        num_stages=1 if INTERPRET else 3,
+        **_INTERPRETER_META,
     )
     return y, pre
 
@@ -224,14 +258,14 @@ def bsr_sdd(dy: torch.Tensor, x: torch.Tensor, block_row: torch.Tensor, col_indi
         return dvalues
     if m == 0:
         return dvalues.zero_()
-    block_m = 16 if INTERPRET else 64
-    _bsr_sdd_kernel[(nnz,)](
+    _sdd[(nnz,)](
         dy, x, block_row, col_indices, dvalues,
         m,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-        BH=bh, BW=bw, BLOCK_M=block_m,
+        _m_bucket(m), nnz,
+        BH=bh, BW=bw,
         INPUT_PRECISION=_input_precision(x.dtype),
-        num_warps=4, num_stages=1 if INTERPRET else 3,
+        **_INTERPRETER_META,
     )
     return dvalues
 
