@@ -225,3 +225,13 @@ def test_triton_backend_in_a_timm_vit_with_fused_gelu():
     x = torch.randn(2, 3, 32, 32)
     assert fused.blocks[0].mlp.fc1.activation == "gelu"
     assert torch.allclose(fused(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_triton_backend_under_autocast_computes_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16, backend="triton")
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = layer(x)
+    assert y.dtype == torch.float16
+    assert torch.allclose(y.float(), layer(x), rtol=1e-2, atol=1e-2)
