@@ -286,6 +286,18 @@ def test_incomplete_pickle_dir_names_the_missing_file(tmp_path, cache):
         load_cifar10(folder, "train", cache_dir=cache)
 
 
+def test_pickle_dir_reads_only_the_split_asked_for(tmp_path, cache):
+    folder, expected = write_pickle_dir(tmp_path)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"):
+        (folder / name).unlink()
+    assert_loaded(load_cifar10(folder, "test", cache_dir=cache), *expected["test"])
+    with pytest.raises(ValueError, match=r"cifar-10-batches-py has no 'train' split"):
+        load_cifar10(folder, "train", cache_dir=cache)
+    (folder / "batches.meta").unlink()
+    with pytest.raises(ValueError, match=r"batches\.meta is missing"):
+        load_cifar10(folder, "test", cache_dir=cache)
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
@@ -478,7 +490,8 @@ def fourier_features(ds):
 def test_synthetic_classes_are_separable(synth):
     # Shapes sit at random positions, so raw pixels barely separate them; a
     # nearest-class-mean classifier on shift-invariant spectra does (measured
-    # about 0.8 here against 0.1 chance; a ViT learns the set to > 0.9).
+    # about 0.8 here against 0.1 chance; a 4-layer ViT reached 0.67 test accuracy
+    # after 6 CPU epochs on 10,000 images).
     train, test = synth
     a, b = fourier_features(train), fourier_features(test)
     mu, sd = a.mean(0), a.std(0) + 1e-6
@@ -584,7 +597,7 @@ def test_augmentation_independent_of_batching_and_rank():
 @pytest.mark.parametrize("n,world,drop_last", [(40, 2, False), (41, 2, False), (41, 2, True), (10, 3, False), (10, 3, True), (2, 4, False)])
 def test_shards(n, world, drop_last):
     ds = tiny_set(n)
-    loaders = [DeviceLoader(ds, 4, seed=7, rank=r, world_size=world, drop_last=drop_last) for r in range(world)]
+    loaders = [DeviceLoader(ds, 2, seed=7, rank=r, world_size=world, drop_last=drop_last) for r in range(world)]
     plans = [loader.plan(1) for loader in loaders]
     sizes = {len(p.indices) for p in plans}
     assert len(sizes) == 1 and len({len(loader) for loader in loaders}) == 1  # equal shards, equal batch counts
@@ -600,7 +613,7 @@ def test_shards(n, world, drop_last):
         loader.set_epoch(1)
         got = torch.cat([y for _, y in loader])
         expected = ds.labels[plan.indices]
-        assert torch.equal(got, expected[: len(got)]) and len(got) == (len(expected) // 4 * 4 if drop_last else len(expected))
+        assert torch.equal(got, expected[: len(got)]) and len(got) == (len(expected) // 2 * 2 if drop_last else len(expected))
 
 
 def test_augmentation_matches_per_image_reference():
