@@ -8,7 +8,7 @@ because the extension is missing: ops that need it say so when called.
 
 from . import masks, ops
 from . import triton as _triton_backends  # noqa: F401  (registers the Triton backends; does not import triton)
-from .nn import SparseLinear, SparsityConfig, densify_, sparsify_, sparsity_summary
+from .nn import SparseLinear, SparsityConfig, densify_, sparsify_, sparsify_like_, sparsity_summary
 
 __version__ = "0.1.0"
-__all__ = ["SparseLinear", "SparsityConfig", "sparsify_", "densify_", "sparsity_summary", "masks", "ops"]
+__all__ = ["SparseLinear", "SparsityConfig", "sparsify_", "sparsify_like_", "densify_", "sparsity_summary", "masks", "ops"]

@@ -53,6 +53,7 @@ __all__ = [
     "SparseLinear",
     "SparsityConfig",
     "sparsify_",
+    "sparsify_like_",
     "densify_",
     "sparsity_summary",
     "default_filter",
@@ -560,7 +561,7 @@ def sparsify_(
     return model
 
 
-def _is_exact_gelu(module: nn.Module) -> bool:
+def _is_exact_gelu(module) -> bool:
     return type(module) is nn.GELU and module.approximate == "none"
 
 
@@ -571,6 +572,43 @@ def _fuse_mlp_gelu(model: nn.Module) -> None:
         if isinstance(fc1, SparseLinear) and fc1.activation == "none" and act is not None and _is_exact_gelu(act):
             fc1.activation = "gelu"
             module.act = nn.Identity()
+
+
+def sparsify_like_(model: nn.Module, state_dict: Mapping[str, object]) -> nn.Module:
+    """Give ``model`` the SparseLinear layers a saved state_dict holds, in place; returns ``model``.
+
+    Each saved SparseLinear records its layout (pattern, block size,
+    activation) in its extra state; the nn.Linear at that name is replaced by
+    an empty SparseLinear of that layout, ready for ``load_state_dict``. A
+    layer saved with a fused GELU takes the GELU out of its Mlp's act, as
+    ``sparsify_(fuse_gelu=True)`` did.
+    """
+    suffix = "._extra_state"
+    for key, state in state_dict.items():
+        if not (key.endswith(suffix) and isinstance(state, Mapping) and state.get("pattern") in PATTERNS):
+            continue
+        name = key[: -len(suffix)]
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child, None)
+        if isinstance(linear, SparseLinear):
+            continue
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"sparsify_like_: the state holds a SparseLinear at {name!r} but the model has {type(linear).__name__} there")
+        sparse = SparseLinear(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            pattern=state["pattern"],
+            block_size=tuple(state.get("block_size", (32, 32))),
+            activation=state.get("activation", "none"),
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        setattr(parent, child, sparse)
+        if sparse.activation == "gelu" and child == "fc1" and _is_exact_gelu(getattr(parent, "act", None)):
+            parent.act = nn.Identity()
+    return model
 
 
 def densify_(model: nn.Module) -> nn.Module:

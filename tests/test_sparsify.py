@@ -187,3 +187,19 @@ def test_fuse_gelu_moves_the_mlp_activation_into_fc1_and_back():
     state = sparsify_(copy.deepcopy(dense), SparsityConfig("2:4", fuse_gelu=True)).state_dict()
     with pytest.raises(RuntimeError, match="activation saved 'gelu' vs module 'none'"):
         sparsify_(small_vit(), "2:4").load_state_dict(state)
+
+
+def test_sparsify_like_rebuilds_sparse_layers_from_a_saved_state():
+    from lotus_kernels import sparsify_like_
+
+    dense = small_vit()
+    sparse = sparsify_(copy.deepcopy(dense), SparsityConfig("block", 0.5, block_size=16, fuse_gelu=True))
+    sparse.blocks[1].attn.qkv = SparseLinear.from_dense(dense.blocks[1].attn.qkv, "2:4")  # mixed patterns
+    state = sparse.state_dict()
+    fresh = sparsify_like_(small_vit(), state)
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fresh(x), sparse(x))
+    assert fresh.blocks[1].attn.qkv.pattern == "2:4" and isinstance(fresh.blocks[0].mlp.act, nn.Identity)
+    with pytest.raises(ValueError, match="has Conv2d there"):
+        sparsify_like_(small_vit(), {"patch_embed.proj._extra_state": {"pattern": "2:4"}})
