@@ -1,0 +1,169 @@
+"""The ``lotus`` command (also ``python -m lotus_kernels``).
+
+    lotus train  [--config FILE.yaml|.json] [--set key=value ...] [--out DIR] [--resume | --overwrite]
+    lotus eval   --checkpoint FILE [--split test|train|val] [--set key=value ...]
+    lotus report RUN_DIR
+    lotus info   [--json]
+
+A run folder (``--out``; default ``runs/<model>-<dataset>-<UTC time>``) holds
+the resolved config.json, checkpoints/, metrics.jsonl, report.md and
+curves.png. Configuration: a YAML or JSON file of TrainConfig fields, then
+``--set`` overrides (values parsed as JSON where they parse: ``--set epochs=5
+--set amp=none --set lr=3e-4``). ``--resume`` continues the run in ``--out``
+from its last checkpoint with its saved config (``--set epochs=N`` may extend
+it); the result equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = ("train", "eval", "report", "info")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["key=value", ...] -> {key: value}; a value is JSON when it parses as JSON, else the raw string."""
+    overrides = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides[key.strip()] = value
+    return overrides
+
+
+def load_config_file(path) -> dict:
+    """A YAML (.yaml/.yml) or JSON (.json) mapping of TrainConfig fields."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    else:
+        raise ValueError(f"config file must end in .yaml, .yml or .json, got {path.name}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def default_run_dir(config) -> Path:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.model}-{config.dataset}-{stamp}"
+
+
+def _train(args) -> int:
+    from .report import write_report
+    from .train import TrainConfig, train
+
+    overrides = parse_overrides(args.set)
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out, the run folder to continue")
+        saved = Path(args.out) / "config.json"
+        if not saved.exists():
+            raise ValueError(f"--resume: {saved} does not exist; is {args.out} a run folder?")
+        fields = {**json.loads(saved.read_text()), **(load_config_file(args.config) if args.config else {}), **overrides}
+    else:
+        fields = {**(load_config_file(args.config) if args.config else {}), **overrides}
+    config = TrainConfig.from_dict(fields)
+    out = Path(args.out) if args.out else default_run_dir(config)
+    result = train(config, out, resume=args.resume, overwrite=args.overwrite)
+    report = write_report(result.out_dir)
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({k: last[k] for k in ("epoch", "test_acc", "test_loss", "val_acc") if k in last}))
+    print(f"run folder: {result.out_dir}\nreport: {report}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import TrainConfig, build_data, evaluate, load_checkpoint, model_from_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = TrainConfig.from_dict({**checkpoint["config"], **parse_overrides(args.set)})
+    train_set, eval_sets = build_data(config)
+    eval_sets["train"] = train_set
+    if args.split not in eval_sets:
+        raise ValueError(f"--split {args.split!r} is not available; this run has {sorted(eval_sets)}")
+    dataset = eval_sets[args.split]
+    model = model_from_checkpoint(args.checkpoint)  # sparsified models come back with their SparseLinear layers
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, amp=config.amp)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "dataset": dataset.name, **metrics}))
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _info(args) -> int:
+    from .info import main as info_main
+
+    return info_main(["--json"] if args.json else [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lotus", description="LOTUS sparse ViTs: train, evaluate, report.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+
+    train = commands.add_parser("train", help="train a ViT (config file + --set overrides)")
+    train.add_argument("--config", help="YAML or JSON file of TrainConfig fields")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (repeatable)")
+    train.add_argument("--out", help="run folder (default runs/<model>-<dataset>-<time>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--split", default="test", choices=("test", "val", "train"))
+    evaluate.add_argument("--batch-size", type=int, default=512)
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. data_path")
+    evaluate.set_defaults(func=_eval)
+
+    report = commands.add_parser("report", help="(re)write report.md and curves.png of a run folder")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_report)
+
+    info = commands.add_parser("info", help="what was built and what runs here")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:
+        # Bad input: one clear line, not a traceback.
+        print(f"lotus {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

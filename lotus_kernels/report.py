@@ -1,0 +1,114 @@
+"""Run reports: ``report.md`` and ``curves.png`` (loss and accuracy per epoch) in a run's folder.
+
+A run folder holds ``config.json`` and ``metrics.jsonl`` (one JSON object per
+epoch, written by ``lotus_kernels.train``); ``write_report`` reads them and
+writes the report next to them, so a report can be rebuilt at any time, for
+a finished, a killed or a resumed run alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+REPORT_NAME = "report.md"
+PLOT_NAME = "curves.png"
+TIMING_KEYS = ("epoch_time_s", "images_per_s")
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The epochs of ``run_dir/metrics.jsonl``, in order; a resumed run's repeated epochs keep their last line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: not a run folder, or no epoch has finished")
+    by_epoch: dict[int, dict] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not JSON ({e.msg})") from None
+        by_epoch[int(row.get("epoch", number))] = row
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
+def plot_curves(history: Sequence[dict], path, title: str = "") -> Path:
+    """Loss (left) and accuracy (right) per epoch, for every *_loss / *_acc series present."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, suffix, label in ((loss_ax, "_loss", "loss"), (acc_ax, "_acc", "accuracy")):
+        keys = sorted({k for row in history for k in row if k.endswith(suffix)})
+        for key in keys:
+            points = [(e, row[key]) for e, row in zip(epochs, history) if row.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key[: -len(suffix)])
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if keys:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def metrics_table(history: Sequence[dict], keys: Sequence[str] | None = None) -> str:
+    """A markdown table of the per-epoch metrics (all keys by default, in first-seen order)."""
+    if keys is None:
+        keys = list(dict.fromkeys(k for row in history for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in history]
+    return "\n".join(lines)
+
+
+def write_report(run_dir, title: str | None = None, sections: Sequence[tuple[str, str]] = ()) -> Path:
+    """Write ``run_dir/report.md`` and ``run_dir/curves.png`` from its config.json and metrics.jsonl.
+
+    sections: extra (heading, markdown body) pairs appended after the metrics
+    (later commands add e.g. sparsity tables). Returns the report's path.
+    """
+    run_dir = Path(run_dir)
+    history = read_metrics(run_dir)
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    title = title or f"{config.get('model', 'model')} on {config.get('dataset', 'data')}"
+    if config.get("dataset") == "synthetic":
+        title += " (synthetic data)"  # never let a synthetic result pass for CIFAR-10
+    plot_curves(history, run_dir / PLOT_NAME, title)
+    last = history[-1]
+    summary = ", ".join(
+        f"{k} {_cell(last[k])}" for k in ("test_acc", "val_acc", "test_loss", "train_loss") if last.get(k) is not None
+    )
+    parts = [
+        f"# {title}",
+        f"{len(history)} epochs; last epoch: {summary}.",
+        f"![loss and accuracy per epoch]({PLOT_NAME})",
+        "## Metrics per epoch",
+        metrics_table(history),
+        "## Configuration",
+        "```json\n" + json.dumps(config, indent=2) + "\n```",
+    ]
+    for heading, body in sections:
+        parts += [f"## {heading}", body]
+    path = run_dir / REPORT_NAME
+    path.write_text("\n\n".join(parts) + "\n")
+    return path

@@ -1,0 +1,126 @@
+"""The `lotus` command and run reports, as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lotus_kernels import cli, report
+
+MICRO = {
+    "model": "vit_micro_cifar",
+    "dataset": "synthetic",
+    "synthetic_train": 256,
+    "synthetic_test": 128,
+    "batch_size": 64,
+    "epochs": 1,
+    "warmup_epochs": 0.5,
+    "progress": False,
+}
+
+
+def test_parse_overrides_reads_json_values_and_raw_strings():
+    assert cli.parse_overrides(["epochs=5", "lr=3e-4", "compile=true", "amp=none", "data_path=/x/y.tar.gz", "init_from=null"]) == {
+        "epochs": 5,
+        "lr": 3e-4,
+        "compile": True,
+        "amp": "none",
+        "data_path": "/x/y.tar.gz",
+        "init_from": None,
+    }
+    with pytest.raises(ValueError, match="key=value"):
+        cli.parse_overrides(["epochs"])
+
+
+def test_config_files_yaml_and_json(tmp_path):
+    (tmp_path / "a.yaml").write_text("epochs: 3\nlr: 0.001\nmodel: vit_micro_cifar\n")
+    (tmp_path / "a.json").write_text(json.dumps({"epochs": 3}))
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    (tmp_path / "a.toml").write_text("")
+    assert cli.load_config_file(tmp_path / "a.yaml") == {"epochs": 3, "lr": 0.001, "model": "vit_micro_cifar"}
+    assert cli.load_config_file(tmp_path / "a.json") == {"epochs": 3}
+    with pytest.raises(ValueError, match="mapping"):
+        cli.load_config_file(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match=".yaml, .yml or .json"):
+        cli.load_config_file(tmp_path / "a.toml")
+    with pytest.raises(ValueError, match="does not exist"):
+        cli.load_config_file(tmp_path / "missing.yaml")
+
+
+def test_report_from_a_metrics_file(tmp_path):
+    rows = [
+        {"epoch": 1, "train_loss": 2.1, "test_loss": 2.0, "train_acc": 0.2, "test_acc": 0.25, "epoch_time_s": 1.0},
+        {"epoch": 2, "train_loss": 1.5, "test_loss": 1.6, "train_acc": 0.45, "test_acc": 0.41, "epoch_time_s": 1.0},
+    ]
+    # A resumed run can repeat an epoch: its last line wins.
+    lines = [json.dumps(r) for r in rows] + [json.dumps({**rows[1], "test_acc": 0.42})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "config.json").write_text(json.dumps({"model": "vit_micro_cifar", "dataset": "synthetic"}))
+    path = report.write_report(tmp_path)
+    text = path.read_text()
+    assert "(synthetic data)" in text and "| epoch |" in text and "0.42" in text and "0.41" not in text
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![loss and accuracy per epoch](curves.png)" in text
+
+
+def test_report_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="metrics.jsonl does not exist"):
+        report.read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not JSON"):
+        report.read_metrics(tmp_path)
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    assert cli.main(["train", "--set", "epochs"]) == 2
+    assert "lotus train: error: --set expects key=value" in capsys.readouterr().err
+    assert cli.main(["train", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "lotus_kernels", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
+
+
+def test_train_resume_eval_report_end_to_end(tmp_path, capsys):
+    config = tmp_path / "micro.yaml"
+    config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in MICRO.items()) + "\n")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config), "--out", str(run)]) == 0
+    for name in ("config.json", "metrics.jsonl", "report.md", "curves.png", "checkpoints/last.pt"):
+        assert (run / name).exists(), name
+    assert len(report.read_metrics(run)) == 1
+    # Extend the finished run by one epoch.
+    assert cli.main(["train", "--out", str(run), "--resume", "--set", "epochs=2"]) == 0
+    history = report.read_metrics(run)
+    assert [row["epoch"] for row in history] == [1, 2]
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(run / "checkpoints" / "last.pt")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "test" and result["dataset"] == "synthetic" and result["n"] == 128
+    assert result["acc"] == pytest.approx(history[-1]["test_acc"], abs=1e-6)
+    # A finished run is not overwritten by accident.
+    assert cli.main(["train", "--config", str(config), "--out", str(run)]) == 2
+    assert "resume" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(config), "--out", str(run), "--overwrite"]) == 0
+
+
+def test_eval_of_a_sparsified_run(tmp_path, capsys):
+    import torch
+
+    from lotus_kernels import SparseLinear, sparsify_
+    from lotus_kernels.train import TrainConfig, build_model, model_from_checkpoint, train
+
+    config = TrainConfig.from_dict(MICRO)
+    model = sparsify_(build_model(config, num_classes=10), "2:4")
+    result = train(config, tmp_path / "sparse", model=model)
+    rebuilt = model_from_checkpoint(result.final_checkpoint)
+    assert isinstance(rebuilt.blocks[0].attn.qkv, SparseLinear)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(rebuilt(x), result.model.eval()(x))
+    assert cli.main(["eval", "--checkpoint", str(result.final_checkpoint)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 128
