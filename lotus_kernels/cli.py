@@ -1,6 +1,8 @@
 """The ``lotus`` command (also ``python -m lotus_kernels``).
 
-    lotus train  [--config FILE.yaml|.json] [--set key=value ...] [--out DIR] [--resume | --overwrite]
+    lotus train  [--config FILE.yaml|.json] [--data synthetic|cifar10] [--preset micro|tiny|small | --model TIMM]
+                 [--epochs N] [--batch-size N] [--pretrained] [--init-from FILE] [--set key=value ...]
+                 [--out DIR] [--resume | --overwrite]
     lotus eval   --checkpoint FILE [--split test|train|val] [--set key=value ...]
     lotus report RUN_DIR
     lotus info   [--json]
@@ -8,7 +10,7 @@
 A run folder (``--out``; default ``runs/<model>-<dataset>-<UTC time>``) holds
 the resolved config.json, checkpoints/, metrics.jsonl, report.md and
 curves.png. Configuration: a YAML or JSON file of TrainConfig fields, then
-``--set`` overrides (values parsed as JSON where they parse: ``--set epochs=5
+the flags, then ``--set`` overrides (values parsed as JSON where they parse: ``--set epochs=5
 --set amp=none --set lr=3e-4``). ``--resume`` continues the run in ``--out``
 from its last checkpoint with its saved config (``--set epochs=N`` may extend
 it); the result equals an uninterrupted run's.
@@ -67,6 +69,27 @@ def load_config_file(path) -> dict:
     return data
 
 
+# --preset short names -> lotus_kernels.train.PRESETS entries.
+PRESET_ALIASES = {"micro": "vit_micro_cifar", "tiny": "vit_tiny_cifar", "small": "vit_small_cifar"}
+
+
+def flag_fields(args) -> dict:
+    """TrainConfig fields given as flags (--data, --preset, ...); None means not given."""
+    if args.preset is not None and args.model is not None:
+        raise ValueError("give --preset or --model, not both")
+    model = PRESET_ALIASES.get(args.preset, args.preset) if args.preset is not None else args.model
+    fields = {
+        "model": model,
+        "dataset": args.data,
+        "data_path": args.data_path,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "init_from": args.init_from,
+        "pretrained": True if args.pretrained else None,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def default_run_dir(config) -> Path:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.model}-{config.dataset}-{stamp}"
@@ -83,9 +106,9 @@ def _train(args) -> int:
         saved = Path(args.out) / "config.json"
         if not saved.exists():
             raise ValueError(f"--resume: {saved} does not exist; is {args.out} a run folder?")
-        fields = {**json.loads(saved.read_text()), **(load_config_file(args.config) if args.config else {}), **overrides}
+        fields = {**json.loads(saved.read_text()), **(load_config_file(args.config) if args.config else {}), **flag_fields(args), **overrides}
     else:
-        fields = {**(load_config_file(args.config) if args.config else {}), **overrides}
+        fields = {**(load_config_file(args.config) if args.config else {}), **flag_fields(args), **overrides}
     config = TrainConfig.from_dict(fields)
     out = Path(args.out) if args.out else default_run_dir(config)
     result = train(config, out, resume=args.resume, overwrite=args.overwrite)
@@ -131,7 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a ViT (config file + --set overrides)")
     train.add_argument("--config", help="YAML or JSON file of TrainConfig fields")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (repeatable)")
+    train.add_argument("--data", choices=("synthetic", "cifar10"), help="dataset (config field dataset)")
+    train.add_argument("--data-path", help="CIFAR-10 source: pickle dir, image folder or .tar/.tar.gz (else $LOTUS_CIFAR10)")
+    train.add_argument("--preset", help=f"model preset: {', '.join(PRESET_ALIASES)} (or a full preset name)")
+    train.add_argument("--model", help="any timm model name (instead of --preset)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--pretrained", action="store_true", help="timm hub weights (needs the hub to be reachable)")
+    train.add_argument("--init-from", metavar="FILE", help="initial weights: a lotus checkpoint or a state_dict file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (repeatable; wins over flags)")
     train.add_argument("--out", help="run folder (default runs/<model>-<dataset>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")

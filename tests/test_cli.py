@@ -72,6 +72,13 @@ def test_report_errors_name_the_file(tmp_path):
         report.read_metrics(tmp_path)
 
 
+def test_flags_map_to_config_fields():
+    args = cli.build_parser().parse_args(["train", "--data", "synthetic", "--preset", "tiny", "--epochs", "3", "--pretrained"])
+    assert cli.flag_fields(args) == {"model": "vit_tiny_cifar", "dataset": "synthetic", "epochs": 3, "pretrained": True}
+    args = cli.build_parser().parse_args(["train", "--model", "deit_tiny_patch16_224", "--init-from", "w.pt", "--data-path", "x.tar"])
+    assert cli.flag_fields(args) == {"model": "deit_tiny_patch16_224", "init_from": "w.pt", "data_path": "x.tar"}
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert cli.main(["train", "--set", "epochs"]) == 2
     assert "lotus train: error: --set expects key=value" in capsys.readouterr().err
@@ -79,6 +86,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert "--resume needs --out" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "huge", "--out", str(tmp_path / "r")]) == 2
+    assert "huge" in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "tiny", "--model", "x"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli.main(["train", "--data", "cifar10", "--data-path", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "r2")]) == 2
+    assert "missing.tar.gz" in capsys.readouterr().err
 
 
 def test_module_entry_point():
