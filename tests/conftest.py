@@ -1,7 +1,9 @@
 """Test setup: Triton runs on CPU tensors through its interpreter, and
 GPU-only tests carry the `cuda` marker (skipped without a CUDA device).
 
-TRITON_INTERPRET must be set before triton is first imported.
+TRITON_INTERPRET must be set before triton is first imported. It defaults to
+1 here (CI has no GPU); on a GPU machine run `TRITON_INTERPRET=0 pytest tests/`
+and the Triton tests run their kernels on CUDA tensors instead.
 """
 
 import os
@@ -30,6 +32,11 @@ def _extension_built():
     # build must fail loudly here rather than as dozens of confusing errors.
     if not _extension.is_built():
         pytest.exit(f"lotus_kernels._C is not built: {_extension.load_error()}", returncode=1)
+
+
+def triton_device() -> str:
+    """Where Triton kernel tests put their tensors: the interpreter needs CPU tensors, compiled kernels CUDA ones."""
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def devices():
