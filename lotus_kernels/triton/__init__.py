@@ -15,11 +15,15 @@ import torch
 from .. import ops
 from ..backends import Backend, LayerSpec, register_backend
 
+# Looked up once: a per-call find_spec breaks torch.compile on older torch
+# (dynamo refuses to trace importlib). find_spec does not import triton.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
 
 def _block_sparse_why_not(spec: LayerSpec) -> str | None:
     if spec.pattern != "block":
         return "runs pattern 'block' only"
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return "triton is not installed"
     if spec.block_size is None or any(b not in ops.BLOCK_SPARSE_SIZES for b in spec.block_size):
         return f"block sizes must be in {ops.BLOCK_SPARSE_SIZES}, got {spec.block_size}"

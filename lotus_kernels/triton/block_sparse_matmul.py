@@ -67,6 +67,34 @@ def _gelu(z):
 
 
 @triton.jit
+def _accumulate_block(
+    acc, b, x_ptr, values_ptr, col_ptr, source_ptr, offs_m, offs_in, offs_out, row_mask,
+    stride_xm, stride_xk,
+    BH: tl.constexpr, BW: tl.constexpr, IN_B: tl.constexpr, TRANSPOSED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """acc [BLOCK_M, OUT_B] += x[rows, block b's input columns] @ (block b)^T."""
+    col = tl.load(col_ptr + b)
+    if TRANSPOSED:
+        src = tl.load(source_ptr + b)
+    else:
+        src = b
+    x_tile = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + (col * IN_B + offs_in)[None, :] * stride_xk,
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    # We need the [IN_B, OUT_B] operand B^T of the block B = [OUT_B, IN_B].
+    block = values_ptr + src.to(tl.int64) * (BH * BW)
+    if TRANSPOSED:
+        # B = values[src]^T, so B^T = values[src]: row-major [BH, BW] = [IN_B, OUT_B].
+        w_t = tl.load(block + offs_in[:, None] * BW + offs_out[None, :])
+    else:
+        # B = values[src] [BH, BW]; read it transposed.
+        w_t = tl.load(block + offs_out[None, :] * BW + offs_in[:, None])
+    return tl.dot(x_tile, w_t, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def _bsr_matmul_kernel(
     x_ptr, values_ptr, crow_ptr, col_ptr, source_ptr, row_order_ptr, bias_ptr, y_ptr, pre_ptr,
     M,
@@ -79,6 +107,7 @@ def _bsr_matmul_kernel(
     ACTIVATION: tl.constexpr,  # 0: none, 1: gelu
     STORE_PRE: tl.constexpr,  # also store the pre-activation (for GELU's backward)
     INPUT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,  # running under TRITON_INTERPRET=1
 ):
     # Output tile: BLOCK_M rows x one output block row of width OUT_B.
     # Not transposed: W's blocks are [BH, BW] = [OUT_B, IN_B].
@@ -99,26 +128,17 @@ def _bsr_matmul_kernel(
     acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
     start = tl.load(crow_ptr + block_row)
     end = tl.load(crow_ptr + block_row + 1)
-    for b in range(start, end):
-        col = tl.load(col_ptr + b)
-        if TRANSPOSED:
-            src = tl.load(source_ptr + b)
-        else:
-            src = b
-        x_tile = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + (col * IN_B + offs_in)[None, :] * stride_xk,
-            mask=row_mask[:, None],
-            other=0.0,
-        )
-        # We need the [IN_B, OUT_B] operand B^T of the block B = [OUT_B, IN_B].
-        block = values_ptr + src.to(tl.int64) * (BH * BW)
-        if TRANSPOSED:
-            # B = values[src]^T, so B^T = values[src]: row-major [BH, BW] = [IN_B, OUT_B].
-            w_t = tl.load(block + offs_in[:, None] * BW + offs_out[None, :])
-        else:
-            # B = values[src] [BH, BW]; read it transposed.
-            w_t = tl.load(block + offs_out[None, :] * BW + offs_in[:, None])
-        acc = tl.dot(x_tile, w_t, acc, input_precision=INPUT_PRECISION)
+    if INTERPRETED:
+        # Triton 3.6's interpreter cannot take loaded values as range() bounds
+        # (numpy 2 refuses int() of its 1-element arrays); a while loop works
+        # there. Compiled kernels keep the for loop, which Triton pipelines.
+        b = start
+        while b < end:
+            acc = _accumulate_block(acc, b, x_ptr, values_ptr, col_ptr, source_ptr, offs_m, offs_in, offs_out, row_mask, stride_xm, stride_xk, BH, BW, IN_B, TRANSPOSED, INPUT_PRECISION)
+            b += 1
+    else:
+        for b in range(start, end):
+            acc = _accumulate_block(acc, b, x_ptr, values_ptr, col_ptr, source_ptr, offs_m, offs_in, offs_out, row_mask, stride_xm, stride_xk, BH, BW, IN_B, TRANSPOSED, INPUT_PRECISION)
 
     offs_n = block_row * OUT_B + offs_out
     if HAS_BIAS:
@@ -132,6 +152,19 @@ def _bsr_matmul_kernel(
 
 
 @triton.jit
+def _accumulate_rows(
+    acc, m0, M, dy_ptr, x_ptr, offs_h, offs_w, stride_dym, stride_dyn, stride_xm, stride_xk,
+    BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """acc [BH, BW] += dy[m0:m0+BLOCK_M, block rows]^T @ x[m0:m0+BLOCK_M, block cols]."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    dy_t = tl.load(dy_ptr + offs_h[:, None] * stride_dyn + offs_m[None, :] * stride_dym, mask=m_mask[None, :], other=0.0)
+    x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
+    return tl.dot(dy_t, x_tile, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def _bsr_sdd_kernel(
     dy_ptr, x_ptr, row_ptr, col_ptr, dvalues_ptr,
     M,
@@ -140,6 +173,7 @@ def _bsr_sdd_kernel(
     BH: tl.constexpr, BW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     # One program per stored block b: dW[b] = dy[:, rows]^T @ x[:, cols] over all M.
     b = tl.program_id(0)
@@ -148,12 +182,14 @@ def _bsr_sdd_kernel(
     offs_h = row * BH + tl.arange(0, BH)
     offs_w = col * BW + tl.arange(0, BW)
     acc = tl.zeros((BH, BW), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        dy_t = tl.load(dy_ptr + offs_h[:, None] * stride_dyn + offs_m[None, :] * stride_dym, mask=m_mask[None, :], other=0.0)
-        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_w[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
-        acc = tl.dot(dy_t, x_tile, acc, input_precision=INPUT_PRECISION)
+    if INTERPRETED:  # see _bsr_matmul_kernel: triton 3.6's interpreter needs a while loop here
+        m0 = 0
+        while m0 < M:
+            acc = _accumulate_rows(acc, m0, M, dy_ptr, x_ptr, offs_h, offs_w, stride_dym, stride_dyn, stride_xm, stride_xk, BLOCK_M, INPUT_PRECISION)
+            m0 += BLOCK_M
+    else:
+        for m0 in range(0, M, BLOCK_M):
+            acc = _accumulate_rows(acc, m0, M, dy_ptr, x_ptr, offs_h, offs_w, stride_dym, stride_dyn, stride_xm, stride_xk, BLOCK_M, INPUT_PRECISION)
     out = dvalues_ptr + b.to(tl.int64) * (BH * BW) + tl.arange(0, BH)[:, None] * BW + tl.arange(0, BW)[None, :]
     tl.store(out, acc.to(dvalues_ptr.dtype.element_ty))
 
@@ -243,6 +279,7 @@ def bsr_matmul(
         TRANSPOSED=transposed, HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATIONS.index(activation), STORE_PRE=store_pre_activation,
         INPUT_PRECISION=_input_precision(x.dtype),
+        INTERPRETED=INTERPRET,
         **_INTERPRETER_META,
     )
     return y, pre
@@ -265,6 +302,7 @@ def bsr_sdd(dy: torch.Tensor, x: torch.Tensor, block_row: torch.Tensor, col_indi
         _m_bucket(m), nnz,
         BH=bh, BW=bw,
         INPUT_PRECISION=_input_precision(x.dtype),
+        INTERPRETED=INTERPRET,
         **_INTERPRETER_META,
     )
     return dvalues
