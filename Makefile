@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.lotus-deps
 EXT_STAMP := $(VENV)/.lotus-ext
 EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
 
-.PHONY: test demo install pytest ctest bench info clean
+.PHONY: test demo install pytest ctest bench bench-gpu info clean
 
 test: install ctest
 	$(PY) -m pytest tests/
@@ -20,6 +20,11 @@ demo: install
 
 bench: install
 	$(PY) -m pytest bench/ --benchmark-only
+
+# On a GPU machine with torch/triton/timm preinstalled (no venv, no network):
+# build, tests on CUDA, benchmarks, demo, all into one folder (default $$OUT).
+bench-gpu:
+	bash bench/run_gpu.sh $(BENCH_OUT)
 
 info: install
 	$(PY) -m lotus_kernels.info
