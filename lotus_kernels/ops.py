@@ -359,3 +359,104 @@ def _check_block_sparse_matmul_args(x, values, crow, col, out_features, bias, ac
     devices = {t.device for t in (x, values, crow, col)} | ({bias.device} if bias is not None else set())
     if len(devices) != 1:
         raise ValueError(f"block_sparse_matmul: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+# ---------------------------------------------------------------------------
+# 2:4 semi-structured matmul (Triton): custom ops with fakes and autograd
+# ---------------------------------------------------------------------------
+
+
+def _ss_kernels():
+    from .triton import semi_structured_matmul
+
+    return semi_structured_matmul
+
+
+@torch.library.custom_op("lotus_kernels::semi_structured_matmul", mutates_args=())
+def _semi_structured_matmul(
+    x: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, bias: torch.Tensor | None, activation: str, store_pre_activation: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, pre = _ss_kernels().ss_matmul(x, values, metadata, bias=bias, activation=activation, store_pre_activation=store_pre_activation)
+    return y, pre if pre is not None else x.new_empty(0)
+
+
+@_semi_structured_matmul.register_fake
+def _(x, values, metadata, bias, activation, store_pre_activation):
+    shape = (x.shape[0], values.shape[0])
+    return x.new_empty(shape), x.new_empty(shape if store_pre_activation else (0,))
+
+
+@torch.library.custom_op("lotus_kernels::semi_structured_matmul_dx", mutates_args=())
+def _semi_structured_matmul_dx(grad: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, in_features: int) -> torch.Tensor:
+    return _ss_kernels().ss_matmul_dx(grad, values, metadata, in_features)
+
+
+@_semi_structured_matmul_dx.register_fake
+def _(grad, values, metadata, in_features):
+    return grad.new_empty((grad.shape[0], in_features))
+
+
+def _semi_structured_setup(ctx, inputs, output):
+    x, values, metadata, bias, activation, _ = inputs
+    ctx.save_for_backward(x, values, metadata, output[1])
+    ctx.activation, ctx.has_bias = activation, bias is not None
+
+
+def _semi_structured_backward(ctx, grad_y, grad_pre):
+    from .mask_compaction import unpack_2to4_slots
+
+    x, values, metadata, pre = ctx.saved_tensors
+    grad = grad_y
+    if ctx.activation == "gelu":
+        if pre.numel() == 0:
+            raise RuntimeError("semi_structured_matmul: GELU backward needs the pre-activation (store_pre_activation=True)")
+        grad = _bsr_kernels().gelu_backward(grad_y, pre)
+    grad = grad.contiguous()
+    n, half = values.shape
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _semi_structured_matmul_dx(grad, values, metadata, x.shape[1])
+    if ctx.needs_input_grad[1]:
+        # dW dense (cuBLAS), then only the kept slots: pruned positions never get gradient.
+        dense = (grad.t() @ x).view(n, half // 2, 4)
+        grad_values = dense.gather(-1, unpack_2to4_slots(metadata, 2 * half)).reshape(n, half)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
+    return grad_x, grad_values, None, grad_bias, None, None
+
+
+_semi_structured_matmul.register_autograd(_semi_structured_backward, setup_context=_semi_structured_setup)
+
+
+def semi_structured_matmul(
+    x: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none"
+) -> torch.Tensor:
+    """act(x @ W^T + bias) with W [N, K] as compress_2to4's (values [N, K/2], metadata) (Triton, forward and backward).
+
+    x [..., K] (fp16, bf16 or fp32, any strides), bias [N] or None,
+    activation "none" | "gelu" -> [..., N]. Gradients flow to x, the kept
+    values only, and bias.
+    """
+    for t, name in ((x, "x"), (values, "values"), (metadata, "metadata")):
+        _tensor(t, name)
+    if activation not in ("none", "gelu"):
+        raise ValueError(f"semi_structured_matmul: activation must be 'none' or 'gelu', got {activation!r}")
+    if x.dtype not in BLOCK_SPARSE_DTYPES or values.dtype != x.dtype:
+        raise TypeError(f"semi_structured_matmul: x and values must share a dtype in {BLOCK_SPARSE_DTYPES}, got {x.dtype} and {values.dtype}")
+    if metadata.dtype != torch.int32:
+        raise TypeError(f"semi_structured_matmul: metadata must be int32, got {metadata.dtype}")
+    k = x.shape[-1] if x.dim() else None
+    n = values.shape[0] if values.dim() == 2 else None
+    if k is None or k % 4 or values.dim() != 2 or values.shape[1] * 2 != k:
+        raise ValueError(f"semi_structured_matmul: x [..., K] with K % 4 == 0 needs values [N, K/2]; got x {tuple(x.shape)}, values {tuple(values.shape)}")
+    if metadata.shape != (n, -(-(k // 4) // GROUPS_PER_META_WORD)):
+        raise ValueError(f"semi_structured_matmul: metadata must be [{n}, {-(-(k // 4) // GROUPS_PER_META_WORD)}], got {tuple(metadata.shape)}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"semi_structured_matmul: bias must be [{n}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    devices = {t.device for t in (x, values, metadata)} | ({bias.device} if bias is not None else set())
+    if len(devices) != 1:
+        raise ValueError(f"semi_structured_matmul: all tensors must be on one device, got {sorted(map(str, devices))}")
+    lead = x.shape[:-1]
+    store_pre = activation == "gelu" and torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+    y, _ = _semi_structured_matmul(x.reshape(-1, k), values, metadata, bias, activation, store_pre)
+    return y.reshape(*lead, n)

@@ -148,8 +148,8 @@ def test_triton_declines_what_it_cannot_run():
     assert "block sizes" in dict(backends.explain(spec))["triton"]
     spec = backends.LayerSpec("block", torch.device("cuda"), torch.float64, (32, 32))
     assert "dtype" in dict(backends.explain(spec))["triton"]
-    spec = backends.LayerSpec("2:4", torch.device("cuda"), torch.float16)
-    assert "block' only" in dict(backends.explain(spec))["triton"]
+    spec = backends.LayerSpec("unstructured", torch.device("cuda"), torch.float16)
+    assert "runs patterns 'block' and '2:4'" in dict(backends.explain(spec))["triton"]
     assert dict(backends.explain(backends.LayerSpec("block", torch.device("cuda"), torch.bfloat16, (64, 16))))["triton"] is None
 
 

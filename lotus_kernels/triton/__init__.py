@@ -20,12 +20,12 @@ from ..backends import Backend, LayerSpec, register_backend
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def _block_sparse_why_not(spec: LayerSpec) -> str | None:
-    if spec.pattern != "block":
-        return "runs pattern 'block' only"
+def _triton_why_not(spec: LayerSpec) -> str | None:
+    if spec.pattern not in ("block", "2:4"):
+        return "runs patterns 'block' and '2:4'"
     if not TRITON_INSTALLED:
         return "triton is not installed"
-    if spec.block_size is None or any(b not in ops.BLOCK_SPARSE_SIZES for b in spec.block_size):
+    if spec.pattern == "block" and (spec.block_size is None or any(b not in ops.BLOCK_SPARSE_SIZES for b in spec.block_size)):
         return f"block sizes must be in {ops.BLOCK_SPARSE_SIZES}, got {spec.block_size}"
     if spec.dtype not in ops.BLOCK_SPARSE_DTYPES:
         return f"dtype must be one of {ops.BLOCK_SPARSE_DTYPES}, got {spec.dtype}"
@@ -40,7 +40,7 @@ def _block_sparse_why_not(spec: LayerSpec) -> str | None:
     return f"device type {spec.device.type!r} is not supported"
 
 
-def _block_sparse_forward(module, x: torch.Tensor) -> torch.Tensor:
+def _triton_forward(module, x: torch.Tensor) -> torch.Tensor:
     values, bias = module.values, module.bias
     if torch.is_autocast_enabled(x.device.type):
         # What F.linear does under autocast: compute in the autocast dtype.
@@ -48,6 +48,8 @@ def _block_sparse_forward(module, x: torch.Tensor) -> torch.Tensor:
         x, values = x.to(dtype), values.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(x.device.type, enabled=False):
+        if module.pattern == "2:4":
+            return ops.semi_structured_matmul(x, values, module.metadata, bias, module.activation)
         return ops.block_sparse_matmul(
             x, values, module.crow_indices, module.col_indices, module.out_features, bias, module.activation,
             structure=module.block_structure(),
@@ -57,9 +59,10 @@ def _block_sparse_forward(module, x: torch.Tensor) -> torch.Tensor:
 register_backend(
     Backend(
         name="triton",
-        description="Triton block-sparse matmul: walks only the stored blocks, forward and backward",
-        why_not=_block_sparse_why_not,
-        forward=_block_sparse_forward,
+        description="Triton kernels: block-sparse matmul (walks only stored blocks) and 2:4 matmul "
+        "(reads the compressed weight), forward and backward",
+        why_not=_triton_why_not,
+        forward=_triton_forward,
         # On CPU it is the interpreter: explicit backend="triton" only.
         auto=lambda spec: spec.device.type == "cuda",
     )
