@@ -1,0 +1,125 @@
+"""2:4 matmul: ours (Triton, compressed weight) vs dense F.linear (cuBLAS) vs cuSPARSELt (torch semi-structured).
+
+y = x @ W^T + b, W [N, K] 2:4-sparse, x [M, K], M = batch x 197 tokens.
+Records time, TFLOP/s of useful work (half the dense FLOPs: 2*M*N*K*0.5,
+3x that with backward) and the dense time of the same shape from the same run.
+
+Default grid on CUDA: ViT-B and ViT-L MLP (fc1, fc2) at batch 1, 16, 64, 256,
+bf16. LOTUS_BENCH_FULL=1 adds qkv and fp16. On CPU: one tiny shape, dense vs
+the reference, so the command always runs. The cuSPARSELt provider compresses
+once (torch.sparse.to_sparse_semi_structured) outside the timing.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lotus_kernels import masks, ops
+from lotus_kernels.triton.semi_structured_matmul import semi_structured_matmul_ref
+
+CUDA = torch.cuda.is_available()
+FULL = os.environ.get("LOTUS_BENCH_FULL") == "1"
+TOKENS = 197
+
+if CUDA:
+    HIDDEN = {"vit_b": 768, "vit_l": 1024}
+    LAYERS = ["qkv", "fc1", "fc2"] if FULL else ["fc1", "fc2"]
+    BATCHES = [1, 16, 64, 256]
+    DTYPES = [torch.float16, torch.bfloat16] if FULL else [torch.bfloat16]
+    PROVIDERS = ["dense", "cusparselt", "lotus"]
+else:
+    HIDDEN, LAYERS, BATCHES, DTYPES = {"tiny": 64}, ["fc1"], [1], [torch.float32]
+    PROVIDERS = ["dense", "reference"]
+
+
+def layer_shape(hidden: int, layer: str) -> tuple[int, int]:
+    return {"qkv": (3 * hidden, hidden), "fc1": (4 * hidden, hidden), "fc2": (hidden, 4 * hidden)}[layer]
+
+
+CASES = [
+    pytest.param(model, layer, batch, dtype, id=f"{model}-{layer}-b{batch}-{str(dtype)[6:]}")
+    for model in HIDDEN
+    for layer in LAYERS
+    for batch in BATCHES
+    for dtype in DTYPES
+]
+_DENSE_MS: dict[tuple, float] = {}
+
+
+def time_ms(fn) -> float:
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=50)
+    import time
+
+    fn()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - start) / 3 * 1e3
+
+
+def provider_fn(provider, x, w, bias, backward):
+    n = w.shape[0]
+    mask = masks.nm_mask(w.float())
+    masked = w * mask
+    if provider == "dense":
+        weight = masked.clone().requires_grad_(backward)
+        forward = lambda inp: F.linear(inp, weight, bias)  # noqa: E731
+    elif provider == "cusparselt":
+        from torch.sparse import to_sparse_semi_structured
+
+        weight = to_sparse_semi_structured(masked)  # compressed once, not per call
+        forward = lambda inp: F.linear(inp, weight, bias)  # noqa: E731
+    else:
+        values, metadata = ops.compress_2to4(w, mask)
+        values.requires_grad_(backward)
+        if provider == "lotus":
+            forward = lambda inp: ops.semi_structured_matmul(inp, values, metadata, bias)  # noqa: E731
+        else:
+            forward = lambda inp: semi_structured_matmul_ref(inp, values, metadata, bias)  # noqa: E731
+    if not backward:
+        return lambda: forward(x)
+    x_grad = x.detach().clone().requires_grad_()
+    grad = torch.randn(x.shape[0], n, device=x.device, dtype=x.dtype)
+    return lambda: forward(x_grad).backward(grad)
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("model,layer,batch,dtype", CASES)
+def bench_semi_structured_matmul(run_benchmark, bench_device, model, layer, batch, dtype, provider, mode):
+    n, k = layer_shape(HIDDEN[model], layer)
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(bench_device, dtype)
+    x = torch.randn(batch * TOKENS, k, generator=g).to(bench_device, dtype)
+    bias = torch.zeros(n, device=bench_device, dtype=dtype)
+    backward = mode == "forward_backward"
+    try:
+        fn = provider_fn(provider, x, w, bias, backward)
+        fn()  # compile / autotune / algorithm search outside the timing
+    except (RuntimeError, NotImplementedError, ValueError) as e:  # e.g. cuSPARSELt shape or dtype limits
+        pytest.skip(f"{provider} cannot run {mode}: {str(e).splitlines()[0]}")
+    key = (model, layer, batch, dtype, mode)
+    if key not in _DENSE_MS:
+        _DENSE_MS[key] = time_ms(provider_fn("dense", x, w, bias, backward))
+    result_ms = time_ms(fn)
+    useful = 2 * x.shape[0] * n * k * 0.5 * (3 if backward else 1)
+    run_benchmark(
+        fn,
+        op="semi_structured_matmul",
+        provider=provider,
+        mode=mode,
+        shape={"M": x.shape[0], "N": n, "K": k},
+        model=model,
+        layer=layer,
+        batch=batch,
+        dtype=str(dtype),
+        median_ms=result_ms,
+        dense_ms=_DENSE_MS[key],
+        speedup_vs_dense=_DENSE_MS[key] / result_ms,
+        useful_tflops=useful / (result_ms * 1e-3) / 1e12,
+    )
