@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import time_ms
 
 from lotus_kernels import masks, ops
 from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
@@ -65,20 +66,6 @@ def make_inputs(model, layer, batch, dtype, density, block, device):
     bias = torch.zeros(n, device=device, dtype=dtype)
     mask = masks.block_mask(w.float(), 1.0 - density, block)
     return x, w, mask, bias
-
-
-def time_ms(fn) -> float:
-    if CUDA:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=50)
-    import time
-
-    fn()
-    start = time.perf_counter()
-    for _ in range(3):
-        fn()
-    return (time.perf_counter() - start) / 3 * 1e3
 
 
 def provider_fn(provider, x, w, mask, bias, block, backward):

@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import time_ms
 
 from lotus_kernels import masks, ops
 from lotus_kernels.triton.semi_structured_matmul import semi_structured_matmul_ref
@@ -46,20 +47,6 @@ CASES = [
     for dtype in DTYPES
 ]
 _DENSE_MS: dict[tuple, float] = {}
-
-
-def time_ms(fn) -> float:
-    if CUDA:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=50)
-    import time
-
-    fn()
-    start = time.perf_counter()
-    for _ in range(3):
-        fn()
-    return (time.perf_counter() - start) / 3 * 1e3
 
 
 def provider_fn(provider, x, w, bias, backward):

@@ -22,6 +22,21 @@ def _command_output(*command: str) -> str | None:
         return None
 
 
+def time_ms(fn) -> float:
+    """Median milliseconds of fn: triton's do_bench on CUDA (device-synchronised), a short wall-clock mean on CPU."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=50)
+    import time
+
+    fn()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - start) / 3 * 1e3
+
+
 @pytest.fixture(scope="session")
 def environment():
     info = collect()

@@ -39,6 +39,16 @@ def triton_device() -> str:
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
+def compile_for_gpu(script: str) -> None:
+    """Run a triton.compile script without the interpreter (a subprocess: the env is read at import)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
 def devices():
     """CPU always; CUDA as a marked parameter."""
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

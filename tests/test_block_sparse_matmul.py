@@ -8,7 +8,7 @@ small atol.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import triton_device
+from conftest import compile_for_gpu, triton_device
 
 from lotus_kernels import SparseLinear, backends, masks, ops
 from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
@@ -285,10 +285,4 @@ def test_gpu_path_compiles_for_sm80_and_sm90():
     # The interpreter never runs the compiled path (pipelined for loops,
     # autotuned tiles, TF32 dots): compile it ahead of time for A100 and H100,
     # which needs no GPU, so a break shows here and not first on a GPU machine.
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    compile_for_gpu(AOT_SCRIPT)
