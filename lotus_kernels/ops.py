@@ -11,6 +11,7 @@ for the tensors' device.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -271,14 +272,22 @@ def _block_sparse_matmul_setup(ctx, inputs, output):
     ctx.activation, ctx.has_bias = activation, bias is not None
 
 
+def _grad_before_activation(op: str, activation: str, grad_y: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """The gradient w.r.t. the pre-activation (x @ W^T + b), contiguous, for the kernels' backward."""
+    if activation == "gelu":
+        if pre.numel() == 0:
+            raise RuntimeError(f"{op}: GELU backward needs the pre-activation (store_pre_activation=True)")
+        # d gelu(z)/dz for the exact GELU, in fp32.
+        z = pre.float()
+        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+        grad_y = (grad_y.float() * (cdf + z * pdf)).to(grad_y.dtype)
+    return grad_y.contiguous()
+
+
 def _block_sparse_matmul_backward(ctx, grad_y, grad_pre):
     x, values, col, crow_t, col_t, source_t, row_order_t, block_row, pre = ctx.saved_tensors
-    grad = grad_y
-    if ctx.activation == "gelu":
-        if pre.numel() == 0:
-            raise RuntimeError("block_sparse_matmul: GELU backward needs the pre-activation (store_pre_activation=True)")
-        grad = _bsr_kernels().gelu_backward(grad_y, pre)
-    grad = grad.contiguous()
+    grad = _grad_before_activation("block_sparse_matmul", ctx.activation, grad_y, pre)
     _, bh, bw = values.shape
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
@@ -406,12 +415,7 @@ def _semi_structured_backward(ctx, grad_y, grad_pre):
     from .mask_compaction import unpack_2to4_slots
 
     x, values, metadata, pre = ctx.saved_tensors
-    grad = grad_y
-    if ctx.activation == "gelu":
-        if pre.numel() == 0:
-            raise RuntimeError("semi_structured_matmul: GELU backward needs the pre-activation (store_pre_activation=True)")
-        grad = _bsr_kernels().gelu_backward(grad_y, pre)
-    grad = grad.contiguous()
+    grad = _grad_before_activation("semi_structured_matmul", ctx.activation, grad_y, pre)
     n, half = values.shape
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:

@@ -21,8 +21,6 @@ run on CPU tensors (fp32/fp16), which is how tests/ check them.
 
 from __future__ import annotations
 
-import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +28,8 @@ import triton
 import triton.language as tl
 
 from ..mask_compaction import bsr_to_dense_ref
+from ._common import ACTIVATIONS, INTERPRET, gelu, input_precision
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ACTIVATIONS = ("none", "gelu")
 
 
 # ---------------------------------------------------------------------------
@@ -58,12 +55,6 @@ def block_sparse_matmul_ref(
 # ---------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _gelu(z):
-    # Exact (erf) GELU, as torch.nn.GELU() and timm's Mlp use by default.
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
 
 
 @triton.jit
@@ -147,7 +138,7 @@ def _bsr_matmul_kernel(
     if STORE_PRE:
         tl.store(pre_ptr + out_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=row_mask[:, None])
     if ACTIVATION == 1:
-        acc = _gelu(acc)
+        acc = gelu(acc)
     tl.store(y_ptr + out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
@@ -197,11 +188,6 @@ def _bsr_sdd_kernel(
 # ---------------------------------------------------------------------------
 # launchers (shape checks live in lotus_kernels.ops; these assume valid input)
 # ---------------------------------------------------------------------------
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    # The interpreter computes dots in numpy: exact fp32 there.
-    return "ieee" if dtype == torch.float32 and INTERPRET else "tf32"
 
 
 def _m_bucket(m: int) -> int:
@@ -278,7 +264,7 @@ def bsr_matmul(
         BH=bh, BW=bw,
         TRANSPOSED=transposed, HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATIONS.index(activation), STORE_PRE=store_pre_activation,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype),
         INTERPRETED=INTERPRET,
         **_INTERPRETER_META,
     )
@@ -301,16 +287,8 @@ def bsr_sdd(dy: torch.Tensor, x: torch.Tensor, block_row: torch.Tensor, col_indi
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         _m_bucket(m), nnz,
         BH=bh, BW=bw,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype),
         INTERPRETED=INTERPRET,
         **_INTERPRETER_META,
     )
     return dvalues
-
-
-def gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """d gelu(z)/dz * grad for the exact GELU, in fp32."""
-    z = pre.float()
-    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    return (grad.float() * (cdf + z * pdf)).to(grad.dtype)

@@ -15,7 +15,6 @@ on GPU. ``semi_structured_matmul_ref`` is the pure-torch reference.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +22,8 @@ import triton
 import triton.language as tl
 
 from ..mask_compaction import decompress_2to4_ref
+from ._common import ACTIVATIONS, INTERPRET, gelu, input_precision
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ACTIVATIONS = ("none", "gelu")
 
 
 def semi_structured_matmul_ref(
@@ -34,11 +32,6 @@ def semi_structured_matmul_ref(
     """x [..., K] -> act(x @ W^T + bias) [..., N], W = decompress_2to4(values [N, K/2], metadata)."""
     y = F.linear(x, decompress_2to4_ref(values, metadata), bias)
     return F.gelu(y) if activation == "gelu" else y
-
-
-@triton.jit
-def _gelu(z):
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
 
 
 @triton.jit
@@ -112,7 +105,7 @@ def _ss_matmul_kernel(
     if STORE_PRE:
         tl.store(pre_ptr + out, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
     if ACTIVATION == 1:
-        acc = _gelu(acc)
+        acc = gelu(acc)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -153,10 +146,6 @@ def _ss_matmul_dx_kernel(
     tl.store(dx_ptr + out, acc_t.to(dx_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_m[None, :] < M))
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 and INTERPRET else "tf32"
-
-
 def _tiles(m: int) -> dict:
     """Tile sizes: small M is the case this kernel exists for (weight-read bound)."""
     if INTERPRET:
@@ -182,7 +171,7 @@ def ss_matmul(
         m, n, k,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation), STORE_PRE=store_pre_activation,
-        INPUT_PRECISION=_input_precision(x.dtype), INTERPRETED=INTERPRET,
+        INPUT_PRECISION=input_precision(x.dtype), INTERPRETED=INTERPRET,
         **meta,
     )
     return y, pre
@@ -202,7 +191,7 @@ def ss_matmul_dx(dy: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor,
         dy, values, metadata, dx,
         m, n, in_features,
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
-        INPUT_PRECISION=_input_precision(dy.dtype), INTERPRETED=INTERPRET,
+        INPUT_PRECISION=input_precision(dy.dtype), INTERPRETED=INTERPRET,
         **meta,
     )
     return dx
