@@ -80,34 +80,42 @@ def auto_candidates(spec: LayerSpec) -> list[Backend]:
 def select(name: str, spec: LayerSpec) -> Backend:
     """The backend named, or for "auto" the first candidate (no measuring)."""
     if name != AUTO:
-        reason = _REGISTRY[name].why_not(spec)
-        if reason is not None:
-            raise RuntimeError(f"backend {name!r} cannot run {spec.pattern!r} on {spec.device} {spec.dtype}: {reason}")
-        return _REGISTRY[name]
+        return _explicit(name, spec)
+    return _candidates_or_raise(spec)[0]
+
+
+def _explicit(name: str, spec: LayerSpec) -> Backend:
+    reason = _REGISTRY[name].why_not(spec)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} cannot run {spec.pattern!r} on {spec.device} {spec.dtype}: {reason}")
+    return _REGISTRY[name]
+
+
+def _candidates_or_raise(spec: LayerSpec) -> list[Backend]:
     candidates = auto_candidates(spec)
     if not candidates:
         detail = "; ".join(f"{n}: {r}" for n, r in explain(spec))
         raise RuntimeError(f"no backend can run {spec.pattern!r} on {spec.device} {spec.dtype} ({detail})")
-    return candidates[0]
+    return candidates
 
 
 def select_for(module, x: torch.Tensor, spec: LayerSpec, timer: Callable | None = None) -> Backend:
     """The backend that runs ``module(x)``: see the module docstring for how "auto" decides.
 
     timer(backend, module, x) -> milliseconds; default: CUDA events, median of 10.
+    Runs on every forward: each backend's check is evaluated once per call.
     """
-    first = select(module.backend, spec)
     if module.backend != AUTO:
-        return first
-    candidates = auto_candidates(spec)
+        return _explicit(module.backend, spec)
+    candidates = _candidates_or_raise(spec)
     if len(candidates) == 1 or x.device.type != "cuda":
-        return first
+        return candidates[0]
     rows = max(1, math.prod(x.shape[:-1]))
     key = (spec, tuple(module.values.shape), module.out_features, module.in_features, 1 << (rows - 1).bit_length())
     if key in _AUTO_CHOICE:
         return _REGISTRY[_AUTO_CHOICE[key]]
     if torch.compiler.is_compiling():
-        return first
+        return candidates[0]
     timer = timer or _time_backend_ms
     with torch.no_grad():
         times = {b.name: timer(b, module, x) for b in candidates}
