@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import time_ms
+from conftest import warmed_up
 
 from lotus_kernels import masks, ops
 from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
@@ -54,7 +54,6 @@ CASES = [
     for block in BLOCKS
 ]
 
-_DENSE_MS: dict[tuple, float] = {}
 
 
 def make_inputs(model, layer, batch, dtype, density, block, device):
@@ -96,22 +95,16 @@ def provider_fn(provider, x, w, mask, bias, block, backward):
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("model,layer,batch,dtype,density,block", CASES)
-def bench_block_sparse_matmul(run_benchmark, bench_device, model, layer, batch, dtype, density, block, provider, mode):
+def bench_block_sparse_matmul(record_vs_dense, bench_device, model, layer, batch, dtype, density, block, provider, mode):
     x, w, mask, bias = make_inputs(model, layer, batch, dtype, density, block, bench_device)
     backward = mode == "forward_backward"
-    try:
-        fn = provider_fn(provider, x, w, mask, bias, block, backward)
-        fn()  # compile / autotune outside the timing
-    except (RuntimeError, NotImplementedError) as e:  # e.g. torch.sparse without a kernel for this dtype
-        pytest.skip(f"{provider} cannot run {mode}: {str(e).splitlines()[0]}")
-    dense_key = (model, layer, batch, dtype, mode)
-    if dense_key not in _DENSE_MS:
-        _DENSE_MS[dense_key] = time_ms(provider_fn("dense", x, w, torch.ones_like(mask), bias, block, backward))
+    fn = warmed_up(provider, mode, lambda: provider_fn(provider, x, w, mask, bias, block, backward))
     n, k = w.shape
-    useful_flops = 2 * x.shape[0] * n * k * density * (3 if backward else 1)
-    result_ms = time_ms(fn)
-    run_benchmark(
+    record_vs_dense(
         fn,
+        lambda: provider_fn("dense", x, w, torch.ones_like(mask), bias, block, backward),
+        (model, layer, batch, dtype, mode),
+        2 * x.shape[0] * n * k * density * (3 if backward else 1),
         op="block_sparse_matmul",
         provider=provider,
         mode=mode,
@@ -122,9 +115,5 @@ def bench_block_sparse_matmul(run_benchmark, bench_device, model, layer, batch, 
         dtype=str(dtype),
         density=density,
         block=block,
-        median_ms=result_ms,
-        dense_ms=_DENSE_MS[dense_key],
-        speedup_vs_dense=_DENSE_MS[dense_key] / result_ms,
-        useful_tflops=useful_flops / (result_ms * 1e-3) / 1e12,
         note="torch_bsr forward_backward computes dx only (PyTorch has no gradient for a sparse weight)" if provider == "torch_bsr" and backward else "",
     )

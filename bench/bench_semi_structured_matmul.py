@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import time_ms
+from conftest import warmed_up
 
 from lotus_kernels import masks, ops
 from lotus_kernels.triton.semi_structured_matmul import semi_structured_matmul_ref
@@ -46,7 +46,6 @@ CASES = [
     for batch in BATCHES
     for dtype in DTYPES
 ]
-_DENSE_MS: dict[tuple, float] = {}
 
 
 def provider_fn(provider, x, w, bias, backward):
@@ -78,25 +77,19 @@ def provider_fn(provider, x, w, bias, backward):
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("model,layer,batch,dtype", CASES)
-def bench_semi_structured_matmul(run_benchmark, bench_device, model, layer, batch, dtype, provider, mode):
+def bench_semi_structured_matmul(record_vs_dense, bench_device, model, layer, batch, dtype, provider, mode):
     n, k = layer_shape(HIDDEN[model], layer)
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(n, k, generator=g) / k**0.5).to(bench_device, dtype)
     x = torch.randn(batch * TOKENS, k, generator=g).to(bench_device, dtype)
     bias = torch.zeros(n, device=bench_device, dtype=dtype)
     backward = mode == "forward_backward"
-    try:
-        fn = provider_fn(provider, x, w, bias, backward)
-        fn()  # compile / autotune / algorithm search outside the timing
-    except (RuntimeError, NotImplementedError, ValueError) as e:  # e.g. cuSPARSELt shape or dtype limits
-        pytest.skip(f"{provider} cannot run {mode}: {str(e).splitlines()[0]}")
-    key = (model, layer, batch, dtype, mode)
-    if key not in _DENSE_MS:
-        _DENSE_MS[key] = time_ms(provider_fn("dense", x, w, bias, backward))
-    result_ms = time_ms(fn)
-    useful = 2 * x.shape[0] * n * k * 0.5 * (3 if backward else 1)
-    run_benchmark(
+    fn = warmed_up(provider, mode, lambda: provider_fn(provider, x, w, bias, backward))
+    record_vs_dense(
         fn,
+        lambda: provider_fn("dense", x, w, bias, backward),
+        (model, layer, batch, dtype, mode),
+        2 * x.shape[0] * n * k * 0.5 * (3 if backward else 1),
         op="semi_structured_matmul",
         provider=provider,
         mode=mode,
@@ -105,8 +98,4 @@ def bench_semi_structured_matmul(run_benchmark, bench_device, model, layer, batc
         layer=layer,
         batch=batch,
         dtype=str(dtype),
-        median_ms=result_ms,
-        dense_ms=_DENSE_MS[key],
-        speedup_vs_dense=_DENSE_MS[key] / result_ms,
-        useful_tflops=useful / (result_ms * 1e-3) / 1e12,
     )

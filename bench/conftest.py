@@ -76,3 +76,44 @@ def run_benchmark(benchmark, environment):
         return benchmark.pedantic(synced, rounds=10, iterations=1, warmup_rounds=2)
 
     return run
+
+
+# Third-party kernels with known gaps (torch.sparse has no backward for a
+# sparse weight; cuSPARSELt has shape and dtype limits): such a case is
+# skipped with its reason. Our own providers must run: their errors fail.
+FOREIGN_PROVIDERS = ("torch_bsr", "cusparselt")
+_DENSE_MS: dict[tuple, float] = {}
+
+
+def warmed_up(provider: str, mode: str, make_fn):
+    """make_fn() -> a zero-argument callable, called once (compile, autotune, algorithm search) before timing."""
+    try:
+        fn = make_fn()
+        fn()
+        return fn
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        if provider not in FOREIGN_PROVIDERS:
+            raise
+        pytest.skip(f"{provider} cannot run {mode}: {str(e).splitlines()[0]}")
+
+
+@pytest.fixture
+def record_vs_dense(run_benchmark):
+    """record(fn, make_dense_fn, dense_key, useful_flops, **info): time fn and the dense provider of the same case
+    (measured once per dense_key), and record median, speedup vs dense and TFLOP/s of useful work."""
+
+    def record(fn, make_dense_fn, dense_key, useful_flops, **info):
+        if dense_key not in _DENSE_MS:
+            _DENSE_MS[dense_key] = time_ms(make_dense_fn())
+        result_ms = time_ms(fn)
+        run_benchmark(
+            fn,
+            median_ms=result_ms,
+            dense_ms=_DENSE_MS[dense_key],
+            speedup_vs_dense=_DENSE_MS[dense_key] / result_ms,
+            useful_tflops=useful_flops / (result_ms * 1e-3) / 1e12,
+            **info,
+        )
+
+    return record
+
