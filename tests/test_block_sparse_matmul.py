@@ -131,7 +131,6 @@ def test_sparse_linear_triton_backend_matches_reference_and_trains(pattern_block
     assert bool((weight[~mask] == 0).all()) and not torch.equal(weight, reference.to_dense())
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="about the CPU (interpreter) path")
 def test_auto_on_cpu_keeps_the_reference_and_explicit_triton_needs_the_interpreter(monkeypatch):
     layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16)
     assert backends.select_for(layer, torch.randn(2, 64), layer.spec()).name == "reference"
