@@ -1,14 +1,19 @@
 """lotus_kernels: sparse kernels for Vision Transformers (LOTUS, arXiv 2405.00906).
 
 Public API: SparseLinear, SparsityConfig, sparsify_, densify_,
-sparsity_summary; submodules masks (keep-mask construction) and ops (the
-compiled mask-compaction ops). Importing never needs a GPU and never fails
+sparsity_summary; enable_patch_dropping_, disable_patch_dropping_,
+use_tickets (run timm ViTs on kept patch tokens); submodules masks
+(keep-mask construction) and ops (the custom ops and kernels). Importing never needs a GPU and never fails
 because the extension is missing: ops that need it say so when called.
 """
 
 from . import masks, ops
 from . import triton as _triton_backends  # noqa: F401  (registers the Triton backends; does not import triton)
+from .patch_dropping import disable_patch_dropping_, enable_patch_dropping_, use_tickets
 from .nn import SparseLinear, SparsityConfig, densify_, sparsify_, sparsify_like_, sparsity_summary
 
 __version__ = "0.1.0"
-__all__ = ["SparseLinear", "SparsityConfig", "sparsify_", "sparsify_like_", "densify_", "sparsity_summary", "masks", "ops"]
+__all__ = [
+    "SparseLinear", "SparsityConfig", "sparsify_", "sparsify_like_", "densify_", "sparsity_summary",
+    "enable_patch_dropping_", "disable_patch_dropping_", "use_tickets", "masks", "ops",
+]

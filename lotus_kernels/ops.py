@@ -549,6 +549,7 @@ def patch_drop_attention(
     num_prefix_tokens: int = 1,
     backend: str = "auto",
     validate: bool = True,
+    padded: bool | None = None,
 ):
     """Attention among the kept tokens only, gathered from timm's fused qkv inside the kernel.
 
@@ -569,7 +570,10 @@ def patch_drop_attention(
     "sdpa" (gather copy + torch's scaled_dot_product_attention), "reference"
     (gather + fp32 softmax attention), "auto" (triton on CUDA, sdpa
     elsewhere). validate checks keep_idx's values (one host sync); it is
-    skipped while torch.compile traces.
+    skipped while torch.compile traces. padded: whether keep_idx has -1
+    padding; None finds out (the sdpa backend then syncs once; under
+    torch.compile it assumes padding), False is the caller's promise that
+    every row keeps K tokens (SDPA then runs without a mask, on its flash path).
     """
     qkv5, keep_idx, scale = _check_patch_drop_args(qkv, keep_idx, num_heads, scale, num_prefix_tokens, backend, return_cls_attention)
     if validate and not torch.compiler.is_compiling():
@@ -579,7 +583,7 @@ def patch_drop_attention(
     if backend == "reference":
         return _pda_kernels().patch_drop_attention_ref(qkv5, keep_idx, h, scale, return_cls_attention, num_prefix_tokens)
     if backend == "sdpa":
-        return _patch_drop_attention_sdpa(qkv5, keep_idx, scale, return_cls_attention, num_prefix_tokens)
+        return _patch_drop_attention_sdpa(qkv5, keep_idx, scale, return_cls_attention, num_prefix_tokens, padded)
     if keep_idx is None:
         index, counts = qkv5.new_empty(0, dtype=torch.int32), torch.full((b,), n, dtype=torch.int32, device=qkv5.device)
     else:
@@ -592,19 +596,21 @@ def patch_drop_attention(
     return out, cls[:, :, num_prefix_tokens:].mean(1)
 
 
-def _patch_drop_attention_sdpa(qkv5, keep_idx, scale, return_cls, num_prefix):
+def _patch_drop_attention_sdpa(qkv5, keep_idx, scale, return_cls, num_prefix, padded):
     """The unfused baseline: gather q/k/v (a copy), then torch's SDPA; the CLS row from one extra query row."""
     import torch.nn.functional as F
 
     b, n, _, h, d = qkv5.shape
+    if padded is None and keep_idx is not None:
+        padded = True if torch.compiler.is_compiling() else bool((keep_idx < 0).any())
     if keep_idx is None:
         kept, valid = qkv5, None
     else:
-        valid = keep_idx >= 0
+        valid = keep_idx >= 0 if padded else None
         index = keep_idx.clamp_min(0).long()[:, :, None, None, None].expand(-1, -1, 3, h, d)
         kept = qkv5.gather(1, index)
     q, k, v = kept.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, K, D]
-    mask = None if valid is None or bool(valid.all()) else valid[:, None, None, :]
+    mask = None if valid is None else valid[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
     if mask is not None:
         out = out.masked_fill(~valid[:, :, None, None], 0)
