@@ -215,6 +215,7 @@ class TicketDropout(nn.Module):
         super().__init__()
         self.keep_ratio, self.num_prefix_tokens, self.selector = keep_ratio, num_prefix_tokens, selector
         self.tickets: torch.Tensor | None = None
+        self.bypass = False  # True: keep every patch (evaluation with all patches)
         self._original = (original,)
 
     def extra_repr(self) -> str:
@@ -224,7 +225,7 @@ class TicketDropout(nn.Module):
         p = self.num_prefix_tokens
         n = x.shape[1] - p
         k = num_kept(self.keep_ratio, n)
-        if k == n:
+        if k == n or self.bypass:
             return x
         if self.selector == "given":
             if self.tickets is None:
@@ -342,15 +343,18 @@ def is_patch_dropping(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def use_tickets(model: nn.Module, tickets: torch.Tensor):
-    """Within the block, the model (enabled with selector="given") keeps the patches tickets [B, k] (indices in [0, patches))."""
+def use_tickets(model: nn.Module, tickets: torch.Tensor, validate: bool = True):
+    """Within the block, the model (enabled with selector="given") keeps the patches tickets [B, k] (indices in [0, patches)).
+
+    validate checks the values (a host sync); skip it for tickets from a TicketSelector.
+    """
     dropout = getattr(model, "patch_drop", None)
     if not isinstance(dropout, TicketDropout) or dropout.selector != "given":
         raise ValueError("use_tickets needs a model prepared with enable_patch_dropping_(model, keep_ratio, selector='given')")
     if not isinstance(tickets, torch.Tensor) or tickets.dim() != 2 or tickets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tickets must be an int32/int64 tensor [B, k], got {getattr(tickets, 'shape', type(tickets).__name__)}")
     n = model.patch_embed.num_patches
-    if not torch.compiler.is_compiling() and tickets.numel():
+    if validate and not torch.compiler.is_compiling() and tickets.numel():
         if int(tickets.min()) < 0 or int(tickets.max()) >= n:
             raise ValueError(f"tickets must be patch indices in [0, {n}), got values in [{int(tickets.min())}, {int(tickets.max())}]")
         s = tickets.sort(1).values
