@@ -7,7 +7,7 @@ dropping), "gather_sdpa" copies the kept q/k/v rows and runs SDPA on them,
 "lotus" reads them through the index inside the kernel. Useful work is the
 kept tokens' attention: 4*B*H*K^2*D FLOPs forward, 3.5x that for
 forward+backward (FlashAttention's convention: backward = 2.5 forwards).
-Speedup vs dense is against full-token SDPA (the quadratic limit at keep k
+Provider "dense" is full-token SDPA; speedup vs dense is against it (the quadratic limit at keep k
 is about 1/k^2).
 
 A second group times whole ViT blocks: timm's Block on all N tokens (dense),
@@ -41,10 +41,10 @@ if CUDA:
         SHAPES = [("vit_s", 197, 256), ("vit_b", 197, 256), ("vit_l", 577, 64)]
     KEEPS = [0.25, 0.5, 0.7, 1.0]
     DTYPE = torch.bfloat16
-    PROVIDERS = ["sdpa_full", "gather_sdpa", "lotus"]
+    PROVIDERS = ["dense", "gather_sdpa", "lotus"]
 else:
     SHAPES, KEEPS, DTYPE = [("tiny", 17, 2)], [0.5], torch.float32
-    PROVIDERS = ["sdpa_full", "gather_sdpa", "reference"]
+    PROVIDERS = ["dense", "gather_sdpa", "reference"]
 
 CASES = [pytest.param(m, n, b, keep, id=f"{m}-n{n}-b{b}-keep{keep}") for m, n, b in SHAPES for keep in KEEPS]
 
@@ -59,7 +59,7 @@ def make_qkv(model, n, batch, keep, device, requires_grad):
 
 def attention_fn(provider, qkv, keep_idx, heads, backward):
     b, n, c = qkv.shape
-    if provider == "sdpa_full":
+    if provider == "dense":
         def forward():
             q, k, v = qkv.view(b, n, 3, heads, c // (3 * heads)).permute(2, 0, 3, 1, 4)
             return F.scaled_dot_product_attention(q, k, v)
@@ -94,7 +94,7 @@ def bench_patch_drop_attention(record_vs_dense, bench_device, model, n, batch, k
     dim = MODELS[model][0]
     record_vs_dense(
         fn,
-        lambda: attention_fn("sdpa_full", qkv, keep_idx, heads, backward),
+        lambda: attention_fn("dense", qkv, keep_idx, heads, backward),
         (model, n, batch, mode),
         4 * batch * k * k * dim * (3.5 if backward else 1),
         op="patch_drop_attention",

@@ -1,18 +1,36 @@
 """Benchmark harness shared by bench/bench_*.py (run: pytest bench/ --benchmark-only).
 
-Every result records the device, versions, git commit and date in
-extra_info; timed callables synchronize the device so GPU time is counted.
-On CPU the benchmarks run small shapes so the command always works.
+Every result (one pytest-benchmark entry, grouped by its ``op``) stores in
+extra_info:
+- p20_ms / p50_ms / p80_ms: quantiles of the device time of one call. On CUDA
+  ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, the
+  device synchronised, warm-up excluded), with enough repetitions for at
+  least ``min_reps`` samples; on CPU a few wall-clock repetitions after one
+  warm-up call. pytest-benchmark's own stats (pedantic mode, the callable
+  synchronises the device) sit beside them; reports quote p50_ms.
+- dense_p50_ms and speedup_vs_dense (record_vs_dense / measure_vs_dense):
+  the dense provider of the same case timed in the same run;
+- useful_tflops (FLOPs of useful work per second) and pct_of_peak: against
+  the device's dense peak measured once per session (``device_peak``: on
+  CUDA a bf16 8192^3 cuBLAS matmul, on CPU an fp32 1024^3 matmul);
+- the device, driver, versions, git commit, date and the pytest command.
+
+On CPU the benchmarks run small shapes through the reference paths so the
+command always works (in a few seconds); on CUDA the real shapes.
 """
 
 import datetime
 import platform
 import subprocess
+import time
 
 import pytest
 import torch
 
 from lotus_kernels.info import collect
+
+QUANTILES = (0.2, 0.5, 0.8)
+QUANTILE_KEYS = ("p20_ms", "p50_ms", "p80_ms")
 
 
 def _command_output(*command: str) -> str | None:
@@ -22,36 +40,113 @@ def _command_output(*command: str) -> str | None:
         return None
 
 
-def time_ms(fn) -> float:
-    """Median milliseconds of fn: triton's do_bench on CUDA (device-synchronised), a short wall-clock mean on CPU."""
+def _quantiles(samples: list[float], qs=QUANTILES) -> list[float]:
+    """Linear-interpolation quantiles (numpy's default, torch.quantile's too) of a non-empty list."""
+    ordered = sorted(samples)
+    out = []
+    for q in qs:
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        out.append(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+    return out
+
+
+def _cuda_estimate_ms(fn) -> float:
+    """One call timed with CUDA events (fn has been called before: compile and autotune are done)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return max(start.elapsed_time(end), 1e-3)
+
+
+def time_quantiles_ms(fn, *, min_reps: int = 5, rep_ms: float = 50.0, warmup_ms: float = 10.0) -> dict[str, float]:
+    """{"p20_ms", "p50_ms", "p80_ms"}: quantiles of the time of one call of fn, warm-up excluded.
+
+    CUDA: triton's do_bench (device time by CUDA events, L2 flushed before
+    each call) over about ``rep_ms`` of calls, stretched so that a slow fn
+    (an end-to-end training step) still gets ``min_reps`` samples. CPU:
+    wall clock (perf_counter) of at least ``min_reps`` calls (up to 50, about
+    ``rep_ms`` in all) after one warm-up call.
+    """
     if torch.cuda.is_available():
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=10, rep=50)
-    import time
-
+        fn()
+        estimate = _cuda_estimate_ms(fn)
+        # do_bench repeats int(rep / its own 5-call estimate) times: ask for enough time for min_reps.
+        rep = max(rep_ms, 1.25 * min_reps * estimate)
+        values = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep, quantiles=list(QUANTILES))
+        return dict(zip(QUANTILE_KEYS, (float(v) for v in values)))
     fn()
     start = time.perf_counter()
-    for _ in range(3):
+    fn()
+    estimate = (time.perf_counter() - start) * 1e3
+    reps = max(min_reps, min(50, int(rep_ms / max(estimate, 1e-3))))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / 3 * 1e3
+        samples.append((time.perf_counter() - start) * 1e3)
+    return dict(zip(QUANTILE_KEYS, _quantiles(samples)))
+
+
+def time_ms(fn) -> float:
+    """Median milliseconds of one call of fn (see time_quantiles_ms)."""
+    return time_quantiles_ms(fn)["p50_ms"]
 
 
 @pytest.fixture(scope="session")
-def environment():
+def environment(pytestconfig):
     info = collect()
     if info["cuda_devices"]:
         device = info["cuda_devices"][0]["name"]
         driver = _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
     else:
         device, driver = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)", None
+    dirty = _command_output("git", "status", "--porcelain", "--untracked-files=no")
     return {
         "device": device,
         "driver": driver,
         "versions": info["versions"],
+        "cuda_runtime": torch.version.cuda,
         "cuda_build": info["extension"].get("cuda_version"),
         "git_commit": _command_output("git", "rev-parse", "HEAD"),
+        "git_dirty": None if dirty is None else bool(dirty),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m pytest", *pytestconfig.invocation_params.args]),
+    }
+
+
+def _matmul_p50_ms(n: int, dtype: torch.dtype, device: str) -> float:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    return time_quantiles_ms(lambda: torch.mm(a, b, out=c), min_reps=5)["p50_ms"]
+
+
+@pytest.fixture(scope="session")
+def device_peak():
+    """The device's dense matmul peak, measured once per session: {"peak_tflops", "peak_op", "peak_ms"}.
+
+    CUDA: bf16 8192^3 (cuBLAS, do_bench); CPU: fp32 1024^3. Results quote
+    their useful TFLOP/s as a percentage of it (pct_of_peak).
+    """
+    if torch.cuda.is_available():
+        n, dtype, device = 8192, torch.bfloat16, "cuda"
+    else:
+        n, dtype, device = 1024, torch.float32, "cpu"
+    p50 = _matmul_p50_ms(n, dtype, device)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {
+        "peak_tflops": 2 * n**3 / (p50 * 1e-3) / 1e12,
+        "peak_op": f"torch.mm {str(dtype)[6:]} {n}x{n}x{n} on {device}",
+        "peak_ms": p50,
     }
 
 
@@ -61,19 +156,28 @@ def bench_device():
 
 
 @pytest.fixture
-def run_benchmark(benchmark, environment):
-    """run_benchmark(fn, **extra): time fn (device-synchronised) and record the environment."""
+def run_benchmark(benchmark, environment, device_peak):
+    """run_benchmark(fn, rounds=10, **extra): time fn (device-synchronised) and record the environment.
 
-    def run(fn, **extra):
+    extra["op"] names the result's group. Without p20_ms/p50_ms/p80_ms in
+    extra, they are measured here (time_quantiles_ms).
+    """
+
+    def run(fn, rounds: int = 10, **extra):
         def synced():
             out = fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             return out
 
+        if not all(key in extra for key in QUANTILE_KEYS):
+            extra.update(time_quantiles_ms(fn))
+        if extra.get("op"):
+            benchmark.group = extra["op"]
         benchmark.extra_info.update(environment)
+        benchmark.extra_info.update({"peak_tflops": device_peak["peak_tflops"], "peak_op": device_peak["peak_op"]})
         benchmark.extra_info.update(extra)
-        return benchmark.pedantic(synced, rounds=10, iterations=1, warmup_rounds=2)
+        return benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=2)
 
     return run
 
@@ -82,7 +186,8 @@ def run_benchmark(benchmark, environment):
 # sparse weight; cuSPARSELt has shape and dtype limits): such a case is
 # skipped with its reason. Our own providers must run: their errors fail.
 FOREIGN_PROVIDERS = ("torch_bsr", "cusparselt")
-_DENSE_MS: dict[tuple, float] = {}
+# dense_key -> quantiles of the dense provider of that case, measured once per session.
+_DENSE: dict[tuple, dict[str, float]] = {}
 
 
 def warmed_up(provider: str, mode: str, make_fn):
@@ -97,23 +202,45 @@ def warmed_up(provider: str, mode: str, make_fn):
         pytest.skip(f"{provider} cannot run {mode}: {str(e).splitlines()[0]}")
 
 
+def measure_vs_dense(fn, make_dense_fn, dense_key, useful_flops, peak_tflops, *, is_dense=False, min_reps=5) -> dict:
+    """Time fn and (once per dense_key) the dense provider of the same case; returns the metrics to record.
+
+    make_dense_fn() -> the dense callable (only called when dense_key was not
+    measured yet). is_dense: fn is that dense callable; its own measurement
+    is the dense one (speedup exactly 1). useful_flops: FLOPs of useful work
+    in one call of fn (None: no TFLOP/s recorded).
+    """
+    quantiles = time_quantiles_ms(fn, min_reps=min_reps)
+    if is_dense:
+        _DENSE.setdefault(dense_key, quantiles)
+        dense = quantiles
+    else:
+        if dense_key not in _DENSE:
+            _DENSE[dense_key] = time_quantiles_ms(make_dense_fn(), min_reps=min_reps)
+        dense = _DENSE[dense_key]
+    metrics = {
+        **quantiles,
+        "dense_p50_ms": dense["p50_ms"],
+        "speedup_vs_dense": dense["p50_ms"] / quantiles["p50_ms"],
+        "useful_tflops": None,
+        "pct_of_peak": None,
+    }
+    if useful_flops is not None:
+        metrics["useful_tflops"] = useful_flops / (quantiles["p50_ms"] * 1e-3) / 1e12
+        metrics["pct_of_peak"] = 100.0 * metrics["useful_tflops"] / peak_tflops
+    return metrics
+
+
 @pytest.fixture
-def record_vs_dense(run_benchmark):
+def record_vs_dense(run_benchmark, device_peak):
     """record(fn, make_dense_fn, dense_key, useful_flops, **info): time fn and the dense provider of the same case
-    (measured once per dense_key), and record median, speedup vs dense and TFLOP/s of useful work."""
+    (measured once per dense_key; a provider="dense" case is its own reference), and record p20/p50/p80, speedup
+    vs dense, TFLOP/s of useful work and % of the device's dense peak."""
 
     def record(fn, make_dense_fn, dense_key, useful_flops, **info):
-        if dense_key not in _DENSE_MS:
-            _DENSE_MS[dense_key] = time_ms(make_dense_fn())
-        result_ms = time_ms(fn)
-        run_benchmark(
-            fn,
-            median_ms=result_ms,
-            dense_ms=_DENSE_MS[dense_key],
-            speedup_vs_dense=_DENSE_MS[dense_key] / result_ms,
-            useful_tflops=useful_flops / (result_ms * 1e-3) / 1e12,
-            **info,
+        metrics = measure_vs_dense(
+            fn, make_dense_fn, dense_key, useful_flops, device_peak["peak_tflops"], is_dense=info.get("provider") == "dense"
         )
+        run_benchmark(fn, **metrics, **info)
 
     return record
-

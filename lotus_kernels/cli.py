@@ -6,6 +6,7 @@
     lotus eval   --checkpoint FILE [--split test|train|val] [--set key=value ...]
     lotus report RUN_DIR
     lotus info   [--json]
+    lotus bench-report FILE.json ... [--out DIR] | --compare [OLD.json] NEW.json [--threshold 0.10]
 
 A run folder (``--out``; default ``runs/<model>-<dataset>-<UTC time>``) holds
 the resolved config.json, checkpoints/, metrics.jsonl, report.md and
@@ -24,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "report", "info")
+COMMANDS = ("train", "eval", "report", "info", "bench-report")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -148,6 +149,12 @@ def _info(args) -> int:
     return info_main(["--json"] if args.json else [])
 
 
+def _bench_report(args) -> int:
+    from .bench_report import run
+
+    return run(args.files, out=args.out, compare=args.compare, threshold=args.threshold, baseline_dir=args.baseline_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lotus", description="LOTUS sparse ViTs: train, evaluate, report.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
@@ -182,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="what was built and what runs here")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_info)
+
+    bench = commands.add_parser(
+        "bench-report", help="markdown tables and plots of pytest-benchmark JSON files, or --compare two runs (exit 1 on a regression)"
+    )
+    bench.add_argument("files", nargs="*", metavar="FILE.json", help="pytest --benchmark-json files")
+    bench.add_argument("--out", help="output folder for bench_report.md and the PNGs (default bench/results)")
+    bench.add_argument(
+        "--compare", nargs="+", metavar="FILE.json",
+        help="OLD.json NEW.json, or NEW.json alone (baseline: newest committed file of the same device in --baseline-dir)",
+    )
+    bench.add_argument("--threshold", type=float, default=0.10, help="--compare: flag p50 more than this fraction slower (default 0.10)")
+    bench.add_argument("--baseline-dir", default="bench/results", help="--compare with one file: where committed runs live")
+    bench.set_defaults(func=_bench_report)
     return parser
 
 
