@@ -15,8 +15,11 @@ test: install ctest
 	$(PY) -m pytest tests/
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
+# The kernels' table, then the LOTUS method end to end on the embedded
+# synthetic data (about a minute on a 2-core CPU); prints the report.
 demo: install
 	$(PY) -m lotus_kernels.demo
+	$(PY) -m lotus_kernels pipeline --demo --print-report --out runs/demo
 
 bench: install
 	$(PY) -m pytest bench/ --benchmark-only

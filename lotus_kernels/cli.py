@@ -7,6 +7,9 @@
     lotus report RUN_DIR
     lotus info   [--json]
     lotus bench-report FILE.json ... [--out DIR] | --compare [OLD.json] NEW.json [--threshold 0.10]
+    lotus pipeline [--config FILE] [--data ...] [--preset ...] [--epochs N] [--set key=value ...] [--demo] [--out DIR]
+    lotus tickets --checkpoint DENSE.pt [--keep-ratio 0.5] [--mode online|random] [--epochs N] [--out DIR]
+    lotus export  --checkpoint FILE.pt --out MODEL.safetensors
 
 A run folder (``--out``; default ``runs/<model>-<dataset>-<UTC time>``) holds
 the resolved config.json, checkpoints/, metrics.jsonl, report.md and
@@ -25,7 +28,17 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "report", "info", "bench-report")
+COMMANDS = ("train", "eval", "report", "info", "bench-report", "pipeline", "tickets", "export")
+
+# `lotus pipeline --demo`: the whole method on the embedded synthetic set in a few minutes on a CPU.
+DEMO_PIPELINE = {
+    "train": {
+        "model": "vit_micro_cifar", "dataset": "synthetic", "synthetic_train": 4000, "synthetic_test": 1000, "holdout": 500,
+        "epochs": 6, "batch_size": 64, "lr": 2e-3, "warmup_epochs": 0.5, "progress": False,
+    },
+    "ticket_epochs": 2, "finetune_epochs": 2, "target_sparsity": 0.5, "es_sparsities": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "isp_ingredients": 3, "isp_subset_fraction": 0.1, "isp_lr": 5e-4, "patterns": ["unstructured", "2:4"], "timing_batch": 64,
+}
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -155,6 +168,73 @@ def _bench_report(args) -> int:
     return run(args.files, out=args.out, compare=args.compare, threshold=args.threshold, baseline_dir=args.baseline_dir)
 
 
+def _pipeline(args) -> int:
+    from .pipeline import PipelineConfig, run_pipeline
+
+    fields = json.loads(json.dumps(DEMO_PIPELINE)) if args.demo else {"train": {}}
+    if args.config:
+        loaded = load_config_file(args.config)
+        fields.update({k: v for k, v in loaded.items() if k != "train"})
+        fields["train"] = {**fields.get("train", {}), **loaded.get("train", {})}
+    fields["train"].update(flag_fields(args))
+    for key, value in parse_overrides(args.set).items():
+        if key.startswith("train."):
+            fields["train"][key[len("train."):]] = value
+        else:
+            fields[key] = value
+    config = PipelineConfig.from_dict(fields)  # every check runs here, before any training
+    out = Path(args.out) if args.out else Path("runs") / f"pipeline-{config.train_config.model}-{config.train_config.dataset}"
+    summary = run_pipeline(config, out)
+    print((out / "report.md").read_text() if args.print_report else json.dumps(summary["rows"], indent=2))
+    return 0
+
+
+def _tickets(args) -> int:
+    import copy
+
+    from .pipeline import _stage_config, _train_on_tickets
+    from .tickets import TicketSelector, prepare_student_, ticket_hooks
+    from .train import TrainConfig, build_data, load_checkpoint, model_from_checkpoint
+
+    if not 0 < args.keep_ratio <= 1:
+        raise ValueError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = TrainConfig.from_dict({**checkpoint["config"], **parse_overrides(args.set)})
+    config = _stage_config(config, epochs=args.epochs, warmup_epochs=0.0, init_from=None)
+    dense = model_from_checkpoint(args.checkpoint)
+    selector = TicketSelector(dense, args.keep_ratio, args.layer if args.layer == "rollout" else int(args.layer)) if args.mode == "online" else None
+    student = prepare_student_(copy.deepcopy(dense), args.keep_ratio, args.mode)
+    _, eval_sets = build_data(config)
+    out = Path(args.out) if args.out else Path("runs") / f"tickets-{args.mode}-{args.keep_ratio}"
+    result = _train_on_tickets(config, out, student, ticket_hooks(selector, args.mode), eval_sets["test"], print)
+    print(json.dumps({k: result.history[-1].get(k) for k in ("epoch", "test_acc", "test_tickets_acc")}))
+    return 0
+
+
+def _export(args) -> int:
+    from .pipeline import export_safetensors
+    from .train import load_checkpoint, model_from_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(args.checkpoint)
+    path = export_safetensors(model, args.out, {"train_config": checkpoint["config"], "num_classes": checkpoint["num_classes"]})
+    print(f"{path}: {path.stat().st_size / 1e6:.2f} MB")
+    return 0
+
+
+def _add_train_flags(parser) -> None:
+    parser.add_argument("--config", help="YAML or JSON file")
+    parser.add_argument("--data", choices=("synthetic", "cifar10"), help="dataset (config field dataset)")
+    parser.add_argument("--data-path", help="CIFAR-10 source: pickle dir, image folder or .tar/.tar.gz (else $LOTUS_CIFAR10)")
+    parser.add_argument("--preset", help=f"model preset: {', '.join(PRESET_ALIASES)} (or a full preset name)")
+    parser.add_argument("--model", help="any timm model name (instead of --preset)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs the hub to be reachable)")
+    parser.add_argument("--init-from", metavar="FILE", help="initial weights: a lotus checkpoint or a state_dict file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (repeatable; wins over flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lotus", description="LOTUS sparse ViTs: train, evaluate, report.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
@@ -202,6 +282,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, default=0.10, help="--compare: flag p50 more than this fraction slower (default 0.10)")
     bench.add_argument("--baseline-dir", default="bench/results", help="--compare with one file: where committed runs live")
     bench.set_defaults(func=_bench_report)
+
+    pipeline = commands.add_parser("pipeline", help="the LOTUS method end to end: dense, tickets, ES, ISP, pattern, fine-tune, export")
+    _add_train_flags(pipeline)
+    pipeline.add_argument("--demo", action="store_true", help="start from the demo settings (synthetic data, minutes on a CPU)")
+    pipeline.add_argument("--print-report", action="store_true", help="print report.md at the end")
+    pipeline.add_argument("--out", help="output folder (default runs/pipeline-<model>-<dataset>)")
+    pipeline.set_defaults(func=_pipeline)
+
+    tickets = commands.add_parser("tickets", help="fine-tune a dense checkpoint on its data lottery tickets (or random patches)")
+    tickets.add_argument("--checkpoint", required=True, help="the dense model (also the selector)")
+    tickets.add_argument("--keep-ratio", type=float, default=0.5)
+    tickets.add_argument("--mode", choices=("online", "random"), default="online")
+    tickets.add_argument("--layer", default="-1", help="selector block index, or 'rollout'")
+    tickets.add_argument("--epochs", type=int, default=5)
+    tickets.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training field, e.g. lr")
+    tickets.add_argument("--out", help="run folder")
+    tickets.set_defaults(func=_tickets)
+
+    export = commands.add_parser("export", help="a checkpoint as compact safetensors (SparseLinear layers stay compact)")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True, help="MODEL.safetensors")
+    export.set_defaults(func=_export)
     return parser
 
 

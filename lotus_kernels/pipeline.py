@@ -1,0 +1,408 @@
+"""The LOTUS pipeline: dense selector -> tickets -> Essential Sparsity -> Instant Soup -> pattern -> fine-tune -> export.
+
+    run_pipeline(PipelineConfig(train={"model": "vit_micro_cifar", "dataset": "synthetic"}), "runs/lotus")
+
+Stages (each writes a sub-folder of ``out_dir``; report.md sums them up):
+1. ``dense``: train the dense ViT with the engine (``train.train``); it is
+   the selector and the starting point of everything else.
+2. ``tickets``: fine-tune a copy on its data lottery tickets (online: the
+   frozen dense selector picks each augmented batch's top-CLS-attention
+   patches; the student drops the rest at the input), evaluating each epoch
+   with all patches (test_acc) and with tickets (test_tickets_acc);
+   ``random``: the same on random patches of the same count (the control).
+3. ``essential_sparsity``: one-shot global magnitude sweep of the dense model
+   on the validation split (no fine-tuning) and its knee.
+4. ``instant_soup``: the ticket student (all patches), from the knee's mask
+   (when below the target), pruned by ISP to exactly ``target_sparsity``.
+5. per pattern in ``patterns``: the ISP mask projected to the pattern
+   ("unstructured" keeps it; "2:4" / "block" re-select within it), fine-tuned
+   on tickets with the mask held (pruned weights stay exactly zero), turned
+   into SparseLinear layers and evaluated with all patches and with tickets.
+6. export: the first pattern's model as compact safetensors, and a timing of
+   dense vs sparse (vs sparse on tickets) forward passes on this device.
+
+Why the paper's combined run could collapse to ~50% and ours should not:
+pruning and ticket training fight when the mask is chosen on all-patch
+statistics and then frozen while the model must re-learn from half the
+tokens at once, with no recovery phase. Here the student is first adapted to
+tickets, the mask is chosen from that student (ISP's ingredients train it
+briefly), and the final fine-tuning on tickets runs with the mask held, so
+the remaining weights adapt to both changes together; the report shows each
+step's accuracy so a collapse would be visible where it happens.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import train as engine
+from .data import resolve_cifar10_source
+from .masks import check_sparsity
+from .nn import sparsity_summary
+from .patch_dropping import disable_patch_dropping_, enable_patch_dropping_, num_kept, random_patches, use_tickets
+from .pruning import (
+    DEFAULT_SPARSITIES,
+    essential_sparsity_sweep,
+    hold_masks_,
+    instant_soup_prune,
+    make_train_fn,
+    one_shot_masks,
+    plot_essential_sparsity,
+    plot_instant_soup,
+    project_masks,
+    release_masks_,
+    sparsify_masked_,
+)
+from .pruning.masking import global_sparsity, prunable_weights
+from .report import metrics_table
+from .tickets import TicketSelector, prepare_student_, ticket_hooks
+
+PATTERNS = ("unstructured", "2:4", "block")
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Everything the pipeline decides. ``train``: TrainConfig fields of the dense run (the later
+    stages reuse its data and recipe with their own epochs and learning rates)."""
+
+    train: dict = dataclasses.field(default_factory=dict)
+    keep_ratio: float = 0.5
+    ticket_layer: int | str = -1
+    ticket_epochs: int = 5
+    ticket_lr_scale: float = 0.5  # fine-tuning lr = dense lr * this
+    random_control: bool = True
+    es_sparsities: tuple = DEFAULT_SPARSITIES
+    es_max_drop: float = 0.01
+    target_sparsity: float = 0.5
+    isp_ingredients: int = 5
+    isp_subset_fraction: float = 0.1
+    isp_prune_step: float = 0.1
+    isp_vote_threshold: int = 1
+    isp_ingredient_epochs: int = 1
+    isp_lr: float = 1e-4
+    patterns: tuple = ("unstructured",)
+    block_size: int = 32
+    finetune_epochs: int = 5
+    timing_batch: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.train, dict):
+            raise TypeError(f"train must be a dict of TrainConfig fields, got {type(self.train).__name__}")
+        self.train_config  # validates model name, dataset, recipe (unknown keys too)
+        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) or not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
+        self.target_sparsity = check_sparsity(self.target_sparsity, "target_sparsity")
+        self.es_sparsities = tuple(check_sparsity(s, "es_sparsities") for s in self.es_sparsities)
+        if not self.es_sparsities:
+            raise ValueError("es_sparsities must not be empty")
+        self.patterns = tuple(self.patterns) if not isinstance(self.patterns, str) else (self.patterns,)
+        bad = [p for p in self.patterns if p not in PATTERNS]
+        if bad or not self.patterns:
+            raise ValueError(f"patterns must be a non-empty list of {PATTERNS}, got {list(self.patterns)}")
+        if "2:4" in self.patterns and self.target_sparsity != 0.5:
+            raise ValueError(f"pattern '2:4' prunes exactly half the weights: use target_sparsity=0.5, got {self.target_sparsity}")
+        for name in ("ticket_epochs", "finetune_epochs", "isp_ingredient_epochs", "isp_ingredients", "timing_batch", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("ticket_lr_scale", "isp_lr", "es_max_drop", "isp_subset_fraction", "isp_prune_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not 1 <= self.isp_vote_threshold <= self.isp_ingredients:
+            raise ValueError(f"isp_vote_threshold must be in [1, isp_ingredients={self.isp_ingredients}], got {self.isp_vote_threshold}")
+        config = self.train_config
+        source = resolve_cifar10_source(config.data_path) if config.dataset == "cifar10" else None
+        if source is not None and not Path(source).exists():
+            raise ValueError(f"dataset 'cifar10': the data source {source!r} (data_path or $LOTUS_CIFAR10) does not exist")
+
+    @property
+    def train_config(self) -> engine.TrainConfig:
+        return engine.TrainConfig.from_dict(self.train)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown pipeline config keys {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _stage_config(base: engine.TrainConfig, **changes) -> engine.TrainConfig:
+    d = base.to_dict()
+    d.update(changes)
+    return engine.TrainConfig.from_dict(d)
+
+
+def _eval_both(model: nn.Module, dataset, hooks, amp: str) -> dict:
+    """Accuracy with all patches and with tickets."""
+    _, all_patches, on_tickets = hooks
+    return {
+        "acc_all_patches": engine.evaluate(model, dataset, amp=amp, token_hook=all_patches)["acc"],
+        "acc_tickets": engine.evaluate(model, dataset, amp=amp, token_hook=on_tickets)["acc"],
+    }
+
+
+def _train_on_tickets(config, out_dir, student, hooks, test_set, log) -> engine.TrainResult:
+    on_tickets, all_patches, tickets_eval = hooks
+
+    def add_ticket_accuracy(epoch, model, metrics):
+        metrics["test_tickets_acc"] = engine.evaluate(model, test_set, amp=config.amp, token_hook=tickets_eval)["acc"]
+
+    result = engine.train(
+        config, out_dir, model=student, token_hook=on_tickets, eval_token_hook=all_patches,
+        on_epoch_end=add_ticket_accuracy, overwrite=True,
+    )
+    log(f"  {out_dir.name}: test_acc {result.history[-1]['test_acc']:.4f}, on tickets {result.history[-1]['test_tickets_acc']:.4f}")
+    return result
+
+
+def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, hook=None) -> float:
+    """Median seconds of one forward (no grad, eval), device-synchronised, one warm-up call first."""
+    model.eval()
+    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
+    run = (lambda: hook(model, images)) if hook else (lambda: model(images))
+    times = []
+    with torch.no_grad():
+        run()
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def export_safetensors(model: nn.Module, path, metadata: dict) -> Path:
+    """The model's state_dict (SparseLinear layers compact) as safetensors; layouts and metadata as JSON in the header."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"lotus": json.dumps({**metadata, "extra_state": extra}, default=str)})
+    return path
+
+
+def load_exported(path, train_config: engine.TrainConfig | None = None) -> nn.Module:
+    """Rebuild an exported model: the architecture from its recorded TrainConfig, SparseLinear layouts from the header."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .nn import sparsify_like_
+
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["lotus"])
+    config = train_config or engine.TrainConfig.from_dict(header["train_config"])
+    state = dict(load_file(str(path)))
+    state.update(header["extra_state"])
+    model = engine.build_model(config, header["num_classes"])
+    sparsify_like_(model, state)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
+    """Run every stage into ``out_dir``; returns the summary (also in summary.json, with report.md)."""
+    if not isinstance(config, PipelineConfig):
+        raise TypeError(f"config must be a PipelineConfig, got {type(config).__name__}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    base = config.train_config
+    train_set, eval_sets = engine.build_data(base)
+    test_set = eval_sets["test"]
+    val_set = eval_sets.get("val", test_set)
+    num_classes = len(train_set.classes)
+    from .info import collect
+
+    info = collect()
+    summary: dict = {
+        "dataset": base.dataset, "model": base.model, "keep_ratio": config.keep_ratio, "rows": [],
+        "environment": {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "device": info["cuda_devices"][0]["name"] if info["cuda_devices"] and base.device != "cpu" else f"CPU ({torch.get_num_threads()} threads)",
+            "versions": info["versions"],
+        },
+        "config": config.to_dict(),
+    }
+
+    def row(name, model_acc: dict, sparsity: float, note: str = ""):
+        summary["rows"].append({"stage": name, "sparsity": sparsity, **model_acc, "note": note})
+
+    # 1. dense selector
+    log("[1/6] dense model")
+    dense_run = engine.train(base, out / "dense", overwrite=True)
+    dense = dense_run.model
+    dense_acc = dense_run.history[-1]["test_acc"]
+    row("dense", {"acc_all_patches": dense_acc}, 0.0)
+
+    # 2. tickets (online) and the random control
+    log("[2/6] fine-tuning on data lottery tickets")
+    selector = TicketSelector(dense, config.keep_ratio, config.ticket_layer)
+    ft = _stage_config(base, epochs=config.ticket_epochs, lr=base.lr * config.ticket_lr_scale, warmup_epochs=0.0, init_from=None)
+    hooks = ticket_hooks(selector, "online")
+    student = prepare_student_(copy.deepcopy(dense), config.keep_ratio, "online")
+    tickets_run = _train_on_tickets(ft, out / "tickets", student, hooks, test_set, log)
+    student = tickets_run.model
+    row("tickets", {"acc_all_patches": tickets_run.history[-1]["test_acc"], "acc_tickets": tickets_run.history[-1]["test_tickets_acc"]}, 0.0)
+    histories = {"dense": dense_run.history, "tickets": tickets_run.history}
+    if config.random_control:
+        control = prepare_student_(copy.deepcopy(dense), config.keep_ratio, "random")
+        random_run = _train_on_tickets(ft, out / "random", control, ticket_hooks(None, "random"), test_set, log)
+        histories["random patches"] = random_run.history
+        row("random patches (control)", {"acc_all_patches": random_run.history[-1]["test_acc"], "acc_tickets": random_run.history[-1]["test_tickets_acc"]}, 0.0, "random subset of the same size")
+
+    # 3. Essential Sparsity of the dense model
+    log("[3/6] Essential Sparsity sweep")
+    es = essential_sparsity_sweep(dense, val_set, config.es_sparsities, max_drop=config.es_max_drop)
+    es.save_json(out / "essential_sparsity.json")
+    plot_essential_sparsity(es, out / "essential_sparsity.png", f"Essential Sparsity ({base.model}, {base.dataset})")
+    log(f"  knee {es.knee:.2f} (dense {es.dense_accuracy:.4f}, max drop {config.es_max_drop})")
+
+    # 4. Instant Soup Pruning of the ticket student (all patches) to the target
+    log(f"[4/6] Instant Soup Pruning to {config.target_sparsity:.0%}")
+    pruned = disable_patch_dropping_(copy.deepcopy(student))
+    initial = one_shot_masks(pruned, es.knee) if 0 < es.knee < config.target_sparsity else None
+    isp_train = make_train_fn(epochs=config.isp_ingredient_epochs, batch_size=min(base.batch_size, 128), lr=config.isp_lr, amp=base.amp, seed=base.seed)
+    isp = instant_soup_prune(
+        pruned, train_set,
+        {"target_sparsity": config.target_sparsity, "num_ingredients": config.isp_ingredients, "subset_fraction": config.isp_subset_fraction,
+         "prune_step": config.isp_prune_step, "vote_threshold": config.isp_vote_threshold, "finetune": False, "seed": base.seed},
+        train_fn=isp_train, eval_data=val_set, initial_masks=initial,
+    )
+    isp.save_json(out / "instant_soup.json")
+    plot_instant_soup(isp, out / "instant_soup.png", f"Instant Soup Pruning to {config.target_sparsity:.0%}")
+    release_masks_(pruned)
+
+    # 5. per pattern: project, fine-tune on tickets with the mask held, compact
+    log("[5/6] pattern projection and fine-tuning on tickets with masks fixed")
+    finals = {}
+    weights = prunable_weights(pruned)
+    for pattern in config.patterns:
+        masks = project_masks(weights, isp.masks, pattern, config.block_size) if pattern != "unstructured" else isp.masks
+        model = copy.deepcopy(pruned)
+        hold_masks_(model, masks)
+        prepare_student_(model, config.keep_ratio, "online")
+        name = f"combined_{pattern.replace(':', 'of')}"
+        run = _train_on_tickets(_stage_config(ft, epochs=config.finetune_epochs), out / name, model, hooks, test_set, log)
+        model = disable_patch_dropping_(run.model)
+        release_masks_(model)
+        sparsify_masked_(model, masks, pattern=pattern, block_size=config.block_size)
+        prepare_student_(model, config.keep_ratio, "online")
+        acc = _eval_both(model, test_set, hooks, base.amp)
+        finals[pattern] = (model, masks)
+        histories[f"tickets + {pattern} {config.target_sparsity:.0%}"] = run.history
+        row(f"tickets + {pattern} pruning", acc, global_sparsity(masks), "SparseLinear, compact weights")
+
+    # 6. export and timing
+    log("[6/6] export and timing")
+    pattern = config.patterns[0]
+    model = disable_patch_dropping_(finals[pattern][0])
+    exported = export_safetensors(
+        model, out / "model.safetensors",
+        {"train_config": base.to_dict(), "num_classes": num_classes, "pattern": pattern, "target_sparsity": config.target_sparsity},
+    )
+    device = next(dense.parameters()).device
+    images = torch.randn(config.timing_batch, 3, *dense.patch_embed.img_size, device=device)
+    dropped = enable_patch_dropping_(copy.deepcopy(model), config.keep_ratio, selector="given")
+    k = num_kept(config.keep_ratio, dense.patch_embed.num_patches)
+    tickets = random_patches(config.timing_batch, dense.patch_embed.num_patches, k, device)
+
+    def on_fixed_tickets(m, x):
+        with use_tickets(m, tickets, validate=False):
+            return m(x)
+
+    timing = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batch": config.timing_batch,
+        "dense_s": time_forward(dense, images),
+        "sparse_s": time_forward(model, images),
+        "sparse_on_tickets_s": time_forward(dropped, images, hook=on_fixed_tickets),
+        "torch": torch.__version__,
+        "note": "median of 5 forwards after a warm-up; tickets given (selector cost excluded)",
+    }
+    (out / "timing.json").write_text(json.dumps(timing, indent=2))
+    summary.update(
+        essential_sparsity={"knee": es.knee, "dense_accuracy": es.dense_accuracy, "curve": dict(zip(es.sparsities, es.accuracies))},
+        instant_soup={"rounds": len(isp.history) - 1, "final_sparsity": isp.final_sparsity},
+        export=str(exported), export_bytes=exported.stat().st_size, timing=timing,
+        sparsity=str(sparsity_summary(model)),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_pipeline_report(out, config, summary, histories)
+    log(f"report: {out / 'report.md'}")
+    return summary
+
+
+def _plot_histories(histories: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, history in histories.items():
+        points = [(r["epoch"], r["test_acc"]) for r in history if r.get("test_acc") is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+    ax.set_xlabel("epoch (of each stage)")
+    ax.set_ylabel("test accuracy (all patches)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_pipeline_report(out: Path, config: PipelineConfig, summary: dict, histories: dict) -> Path:
+    title = f"LOTUS pipeline: {summary['model']} on {summary['dataset']}" + (" (synthetic data)" if summary["dataset"] == "synthetic" else "")
+    _plot_histories(histories, out / "accuracy_per_epoch.png", title)
+    rows = ["| stage | sparsity | test acc, all patches | test acc, tickets | note |", "|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        tickets = r.get("acc_tickets")
+        rows.append(
+            f"| {r['stage']} | {r['sparsity']:.1%} | {r['acc_all_patches']:.4f} | {'' if tickets is None else f'{tickets:.4f}'} | {r['note']} |"
+        )
+    es = summary["essential_sparsity"]
+    curve = ["| sparsity | accuracy (no fine-tuning) |", "|---|---|"] + [f"| {s:.0%} | {a:.4f} |" for s, a in es["curve"].items()]
+    t = summary["timing"]
+    parts = [
+        f"# {title}",
+        f"Keep ratio {config.keep_ratio} (tickets: top CLS-attention patches of the dense model), target sparsity "
+        f"{config.target_sparsity:.0%}, patterns {list(config.patterns)}.",
+        "## Results", "\n".join(rows),
+        "![test accuracy per epoch](accuracy_per_epoch.png)",
+        "## Essential Sparsity", f"Knee: {es['knee']:.0%} (largest sparsity within {config.es_max_drop:.1%} of dense {es['dense_accuracy']:.4f}).",
+        "\n".join(curve), "![accuracy vs sparsity](essential_sparsity.png)",
+        "## Instant Soup Pruning", f"{summary['instant_soup']['rounds']} rounds, final sparsity {summary['instant_soup']['final_sparsity']:.2%}.",
+        "![ISP rounds](instant_soup.png)",
+        "## Export and timing",
+        f"`{Path(summary['export']).name}`: {summary['export_bytes'] / 1e6:.2f} MB.",
+        f"Forward of a batch of {t['batch']} on {t['device']}: dense {t['dense_s'] * 1e3:.1f} ms, sparse {t['sparse_s'] * 1e3:.1f} ms, "
+        f"sparse on tickets {t['sparse_on_tickets_s'] * 1e3:.1f} ms ({t['note']}).",
+        "```\n" + summary["sparsity"] + "\n```",
+        "## Per-stage metrics",
+    ]
+    for name, history in histories.items():
+        parts += [f"### {name}", metrics_table(history, [k for k in ("epoch", "train_loss", "test_acc", "test_tickets_acc", "images_per_s") if any(k in r for r in history)])]
+    parts += ["## Configuration", "```json\n" + json.dumps(config.to_dict(), indent=2) + "\n```"]
+    path = out / "report.md"
+    path.write_text("\n\n".join(parts) + "\n")
+    return path
