@@ -223,7 +223,7 @@ def _export(args) -> int:
 
 
 def _add_train_flags(parser) -> None:
-    parser.add_argument("--config", help="YAML or JSON file")
+    parser.add_argument("--config", help="YAML or JSON file (train: TrainConfig fields; pipeline: PipelineConfig, train fields under 'train')")
     parser.add_argument("--data", choices=("synthetic", "cifar10"), help="dataset (config field dataset)")
     parser.add_argument("--data-path", help="CIFAR-10 source: pickle dir, image folder or .tar/.tar.gz (else $LOTUS_CIFAR10)")
     parser.add_argument("--preset", help=f"model preset: {', '.join(PRESET_ALIASES)} (or a full preset name)")
@@ -232,7 +232,10 @@ def _add_train_flags(parser) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs the hub to be reachable)")
     parser.add_argument("--init-from", metavar="FILE", help="initial weights: a lotus checkpoint or a state_dict file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (repeatable; wins over flags)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override any field (repeatable; wins over flags; pipeline: train.KEY=VALUE for training fields)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,16 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
     train = commands.add_parser("train", help="train a ViT (config file + --set overrides)")
-    train.add_argument("--config", help="YAML or JSON file of TrainConfig fields")
-    train.add_argument("--data", choices=("synthetic", "cifar10"), help="dataset (config field dataset)")
-    train.add_argument("--data-path", help="CIFAR-10 source: pickle dir, image folder or .tar/.tar.gz (else $LOTUS_CIFAR10)")
-    train.add_argument("--preset", help=f"model preset: {', '.join(PRESET_ALIASES)} (or a full preset name)")
-    train.add_argument("--model", help="any timm model name (instead of --preset)")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--pretrained", action="store_true", help="timm hub weights (needs the hub to be reachable)")
-    train.add_argument("--init-from", metavar="FILE", help="initial weights: a lotus checkpoint or a state_dict file")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (repeatable; wins over flags)")
+    _add_train_flags(train)
     train.add_argument("--out", help="run folder (default runs/<model>-<dataset>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
