@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import measure_vs_dense
 
-from lotus_kernels import SparseLinear, SparsityConfig, backends, sparsify_
+from lotus_kernels import SparseLinear, SparsityConfig, backends, enable_patch_dropping_, sparsify_
 from lotus_kernels.nn import default_filter
 
 CUDA = torch.cuda.is_available()
@@ -135,11 +135,6 @@ def _mlp_filter(module: nn.Module, name: str) -> bool:
 
 def build_variant(model: str, variant: Variant, device: str, dtype: torch.dtype) -> nn.Module:
     """The model with the variant applied, on device in dtype (sparsified on the CPU in fp32, then moved)."""
-    if variant.keep_ratio < 1.0:
-        try:
-            from lotus_kernels.patch_dropping import enable_patch_dropping_
-        except ImportError as e:
-            pytest.skip(f"patch dropping not available: {e}")
     net = base_model(model)
     if variant.pattern is not None:
         config = SparsityConfig(pattern=variant.pattern, sparsity=variant.sparsity, block_size=variant.block or 32)

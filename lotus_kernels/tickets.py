@@ -48,20 +48,25 @@ def _check_keep_ratio(keep_ratio) -> float:
     return float(keep_ratio)
 
 
+def _check_selector(model: nn.Module, layer) -> None:
+    depth = len(model.blocks)
+    if layer != "rollout" and (isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth):
+        raise ValueError(f"layer must be a block index in [-{depth}, {depth}) or 'rollout', got {layer!r}")
+    if is_patch_dropping(model):
+        raise ValueError("the selector must be a plain timm ViT (patch dropping disabled)")
+    if int(model.num_prefix_tokens) < 1:
+        raise ValueError("CLS-attention tickets need a model with a CLS token")
+
+
 def cls_attention_scores(model: nn.Module, images: torch.Tensor, layer: int | str = -1) -> torch.Tensor:
     """images [B, 3, H, W] -> patch scores [B, num_patches] fp32 from a timm ViT (no grad, eval mode restored).
 
     layer: block index (negative counts from the end) whose CLS-row attention
     (averaged over heads) scores the patches, or "rollout".
     """
+    _check_selector(model, layer)
     depth = len(model.blocks)
-    if layer != "rollout" and (isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth):
-        raise ValueError(f"layer must be a block index in [-{depth}, {depth}) or 'rollout', got {layer!r}")
-    if is_patch_dropping(model):
-        raise ValueError("the selector must be a plain timm ViT (patch dropping disabled)")
     prefix = int(model.num_prefix_tokens)
-    if prefix < 1:
-        raise ValueError("CLS-attention tickets need a model with a CLS token")
     was_training = model.training
     model.eval()
     try:
@@ -102,11 +107,11 @@ class TicketSelector:
         if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
             raise TypeError(f"the selector must be a timm VisionTransformer, got {type(model).__name__}")
         self.keep_ratio = _check_keep_ratio(keep_ratio)
+        _check_selector(model, layer)  # before any training relies on it
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.layer = layer
         self.num_patches = self.model.patch_embed.num_patches
         self.k = num_kept(self.keep_ratio, self.num_patches)
-        cls_attention_scores(self.model, torch.zeros(1, 3, *self.model.patch_embed.img_size, device=_device(self.model)), layer)
 
     def to(self, device) -> "TicketSelector":
         self.model.to(device)
@@ -117,10 +122,6 @@ class TicketSelector:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return top_patches(self.scores(images), self.k)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def random_tickets(batch: int, num_patches: int, keep_ratio: float, device=None) -> torch.Tensor:
