@@ -1,13 +1,22 @@
-"""2:4 matmul: ours (Triton, compressed weight) vs dense F.linear (cuBLAS) vs cuSPARSELt (torch semi-structured).
+"""2:4 matmul: dense F.linear (cuBLAS) vs torch's semi-structured F.linear vs our SparseLinear backends.
 
 y = x @ W^T + b, W [N, K] 2:4-sparse, x [M, K], M = batch x 197 tokens.
 Records time, TFLOP/s of useful work (half the dense FLOPs: 2*M*N*K*0.5,
 3x that with backward) and the dense time of the same shape from the same run.
 
+Providers (CUDA):
+- dense: F.linear on the masked dense weight (cuBLAS);
+- torch_semi_structured: F.linear with a torch.sparse.to_sparse_semi_structured
+  weight (PyTorch's cuSPARSELt path; forward only: it has no weight gradient);
+- cusparselt / lotus / auto: SparseLinear(pattern="2:4") with backend
+  "cusparselt" (ours around torch._cslt_sparse_mm), "triton" (our kernel on
+  the compressed weight) and "auto" (times the candidates once per shape and
+  keeps the fastest; extra_info.auto_choice records what it chose).
+Weights are compressed / packed once, outside the timing.
+
 Default grid on CUDA: ViT-B and ViT-L MLP (fc1, fc2) at batch 1, 16, 64, 256,
 bf16. LOTUS_BENCH_FULL=1 adds qkv and fp16. On CPU: one tiny shape, dense vs
-the reference, so the command always runs. The cuSPARSELt provider compresses
-once (torch.sparse.to_sparse_semi_structured) outside the timing.
+the reference, so the command always runs.
 """
 
 import os
@@ -17,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from conftest import warmed_up
 
-from lotus_kernels import masks, ops
-from lotus_kernels.triton.semi_structured_matmul import semi_structured_matmul_ref
+from lotus_kernels import SparseLinear, backends, masks
 
 CUDA = torch.cuda.is_available()
 FULL = os.environ.get("LOTUS_BENCH_FULL") == "1"
@@ -29,7 +37,7 @@ if CUDA:
     LAYERS = ["qkv", "fc1", "fc2"] if FULL else ["fc1", "fc2"]
     BATCHES = [1, 16, 64, 256]
     DTYPES = [torch.float16, torch.bfloat16] if FULL else [torch.bfloat16]
-    PROVIDERS = ["dense", "cusparselt", "lotus"]
+    PROVIDERS = ["dense", "torch_semi_structured", "cusparselt", "lotus", "auto"]
 else:
     HIDDEN, LAYERS, BATCHES, DTYPES = {"tiny": 64}, ["fc1"], [1], [torch.float32]
     PROVIDERS = ["dense", "reference"]
@@ -48,6 +56,9 @@ CASES = [
 ]
 
 
+SPARSE_LINEAR_BACKEND = {"cusparselt": "cusparselt", "lotus": "triton", "auto": "auto", "reference": "reference"}
+
+
 def provider_fn(provider, x, w, bias, backward):
     n = w.shape[0]
     mask = masks.nm_mask(w.float())
@@ -55,23 +66,38 @@ def provider_fn(provider, x, w, bias, backward):
     if provider == "dense":
         weight = masked.clone().requires_grad_(backward)
         forward = lambda inp: F.linear(inp, weight, bias)  # noqa: E731
-    elif provider == "cusparselt":
+    elif provider == "torch_semi_structured":
         from torch.sparse import to_sparse_semi_structured
 
+        if backward:
+            pytest.skip("torch's semi-structured weight has no weight gradient")
         weight = to_sparse_semi_structured(masked)  # compressed once, not per call
         forward = lambda inp: F.linear(inp, weight, bias)  # noqa: E731
     else:
-        values, metadata = ops.compress_2to4(w, mask)
-        values.requires_grad_(backward)
-        if provider == "lotus":
-            forward = lambda inp: ops.semi_structured_matmul(inp, values, metadata, bias)  # noqa: E731
-        else:
-            forward = lambda inp: semi_structured_matmul_ref(inp, values, metadata, bias)  # noqa: E731
+        linear = torch.nn.Linear(w.shape[1], n, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(masked)
+            linear.bias.copy_(bias)
+        layer = SparseLinear.from_dense(linear, "2:4", mask=mask, backend=SPARSE_LINEAR_BACKEND[provider])
+        layer.requires_grad_(backward)
+        forward = layer
+        if not backward:
+            with torch.no_grad():
+                layer(x)  # packs the weight (cusparselt) / makes the auto decision, outside the timing
     if not backward:
         return lambda: forward(x)
     x_grad = x.detach().clone().requires_grad_()
     grad = torch.randn(x.shape[0], n, device=x.device, dtype=x.dtype)
     return lambda: forward(x_grad).backward(grad)
+
+
+def auto_choice(n: int, k: int, rows: int, dtype) -> str | None:
+    """What "auto" chose for an [n, k] 2:4 layer at this many rows (None if it had one candidate, e.g. on CPU)."""
+    bucket = 1 << (rows - 1).bit_length()
+    for (spec, _, out_f, in_f, rows_bucket, _), name in backends.auto_choices().items():
+        if (spec.pattern, spec.dtype, out_f, in_f, rows_bucket) == ("2:4", dtype, n, k, bucket):
+            return name
+    return None
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
@@ -85,6 +111,7 @@ def bench_semi_structured_matmul(record_vs_dense, bench_device, model, layer, ba
     bias = torch.zeros(n, device=bench_device, dtype=dtype)
     backward = mode == "forward_backward"
     fn = warmed_up(provider, mode, lambda: provider_fn(provider, x, w, bias, backward))
+    choice = auto_choice(n, k, x.shape[0], dtype) if provider == "auto" else None
     record_vs_dense(
         fn,
         lambda: provider_fn("dense", x, w, bias, backward),
@@ -98,4 +125,5 @@ def bench_semi_structured_matmul(record_vs_dense, bench_device, model, layer, ba
         layer=layer,
         batch=batch,
         dtype=str(dtype),
+        auto_choice=choice,
     )

@@ -9,6 +9,7 @@ because the extension is missing: ops that need it say so when called.
 
 from . import masks, ops
 from . import triton as _triton_backends  # noqa: F401  (registers the Triton backends; does not import triton)
+from . import cusparselt as _cusparselt_backend  # noqa: F401  (registers the cuSPARSELt 2:4 backend)
 from .patch_dropping import disable_patch_dropping_, enable_patch_dropping_, use_tickets
 from .nn import SparseLinear, SparsityConfig, densify_, sparsify_, sparsify_like_, sparsity_summary
 

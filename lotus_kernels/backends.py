@@ -1,24 +1,39 @@
 """Backends that compute SparseLinear's forward, and how "auto" chooses one.
 
-A backend says, for a layer spec (pattern, device, dtype, block size), whether
-it can run and if not why. "auto" considers the usable backends that allow
-automatic use there, in registration order with "reference" (pure torch, any
-device, exact masked-dense semantics) always last:
+A backend says, for a layer spec (pattern, device, dtype, block size, weight
+shape), whether it can run and if not why. Built in: "dense" (cuBLAS / CPU
+matmul on the masked dense weight, cached while the weights do not change:
+the fallback that is never slower than a plain nn.Linear) and "reference"
+(pure torch, rebuilds the dense weight on every call: the exact masked-dense
+semantics every kernel is tested against; explicit use only). Kernel backends
+register themselves ("triton" from lotus_kernels.triton, "cusparselt" from
+lotus_kernels.cusparselt) before them; SparseLinear's contract does not
+change when they do.
+
+"auto" considers the usable backends that allow automatic use there, in
+registration order:
 - one candidate: it runs;
 - several, on CUDA: each is timed once per (spec, weight shape, nnz, rows of
-  x rounded up to a power of two) and the fastest is cached; the reference
-  (a cuBLAS matmul on the rebuilt dense weight) stays in the race, so a kernel
-  backend is used only where it measured faster. No timing happens inside a
-  torch.compile trace: there the cached choice, or the first candidate, runs.
-Kernel backends register themselves (lotus_kernels.triton); SparseLinear's
-contract does not change when they do.
+  x rounded up to a power of two) and the fastest is kept; "dense" stays in
+  the race, so a kernel backend is used only where it measured faster than
+  the dense matmul of the same weights. Decisions are also written to
+  ``<LOTUS_CACHE_DIR or ~/.cache/lotus_kernels>/auto_choices.json`` per GPU
+  model and library versions, so a later process reuses them without timing
+  again (``LOTUS_AUTO_CACHE=0`` turns the file off) and ``python -m
+  lotus_kernels.info`` lists them. No timing happens inside a torch.compile
+  trace: there the cached choice, or the first candidate, runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +45,7 @@ class LayerSpec:
     device: torch.device
     dtype: torch.dtype
     block_size: tuple[int, int] | None = None  # "block" pattern only
+    features: tuple[int, int] | None = None  # (out_features, in_features); None: not shape-specific
 
 
 @dataclass(frozen=True)
@@ -47,13 +63,16 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 _AUTO_CHOICE: dict[tuple, str] = {}
 AUTO = "auto"
+# The built-in fallbacks stay behind every kernel backend, in this order.
+_LAST = ("dense", "reference")
 
 
 def register_backend(backend: Backend) -> None:
-    """Adds a backend. "auto" tries backends in registration order, "reference" always last."""
+    """Adds a backend. "auto" tries backends in registration order, "dense" and "reference" last."""
     _REGISTRY[backend.name] = backend
-    if "reference" in _REGISTRY and backend.name != "reference":
-        _REGISTRY["reference"] = _REGISTRY.pop("reference")
+    for name in _LAST:
+        if name in _REGISTRY and backend.name not in _LAST:
+            _REGISTRY[name] = _REGISTRY.pop(name)
     _AUTO_CHOICE.clear()
 
 
@@ -111,21 +130,108 @@ def select_for(module, x: torch.Tensor, spec: LayerSpec, timer: Callable | None 
     if len(candidates) == 1 or x.device.type != "cuda":
         return candidates[0]
     rows = max(1, math.prod(x.shape[:-1]))
-    key = (spec, tuple(module.values.shape), module.out_features, module.in_features, 1 << (rows - 1).bit_length())
+    names = tuple(b.name for b in candidates)
+    key = (spec, tuple(module.values.shape), module.out_features, module.in_features, 1 << (rows - 1).bit_length(), names)
     if key in _AUTO_CHOICE:
         return _REGISTRY[_AUTO_CHOICE[key]]
     if torch.compiler.is_compiling():
         return candidates[0]
+    saved = _saved_choice(key, x.device)
+    if saved is not None:
+        _AUTO_CHOICE[key] = saved
+        return _REGISTRY[saved]
     timer = timer or _time_backend_ms
     with torch.no_grad():
         times = {b.name: timer(b, module, x) for b in candidates}
     _AUTO_CHOICE[key] = min(times, key=times.get)
+    _save_choice(key, x.device, times)
     return _REGISTRY[_AUTO_CHOICE[key]]
 
 
 def auto_choices() -> dict[tuple, str]:
     """What "auto" has decided so far in this process (for info and benchmarks)."""
     return dict(_AUTO_CHOICE)
+
+
+# ----------------------------------------------------- persisted decisions
+# One JSON file: {device key: {decision key: {"choice", "times_ms"}}}. The
+# device key names the GPU model and the versions that change kernel speed,
+# so a driver / torch / triton / lotus upgrade measures afresh.
+
+
+def auto_cache_path() -> Path | None:
+    """Where decisions are persisted, or None when LOTUS_AUTO_CACHE=0."""
+    if os.environ.get("LOTUS_AUTO_CACHE", "1") == "0":
+        return None
+    root = os.environ.get("LOTUS_CACHE_DIR") or os.path.join("~", ".cache", "lotus_kernels")
+    return Path(os.path.expanduser(root)) / "auto_choices.json"
+
+
+def _device_key(device: torch.device) -> str:
+    import importlib.metadata
+
+    def version(name):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(name)
+        return "none"
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name} | torch {torch.__version__} | triton {version('triton')} | lotus {version('lotus-kernels')}"
+
+
+def _decision_key(key: tuple) -> str:
+    spec, values_shape, out_f, in_f, rows, names = key
+    block = "" if spec.block_size is None else f" block {spec.block_size[0]}x{spec.block_size[1]}"
+    return (
+        f"{spec.pattern}{block} {str(spec.dtype).removeprefix('torch.')} out {out_f} in {in_f} "
+        f"values {list(values_shape)} rows<={rows} among {','.join(names)}"
+    )
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: measure again (and rewrite it)
+    return data if isinstance(data, dict) else {}
+
+
+def _saved_choice(key: tuple, device: torch.device) -> str | None:
+    path = auto_cache_path()
+    if path is None or device.type != "cuda":
+        return None
+    entry = _read_cache(path).get(_device_key(device), {}).get(_decision_key(key))
+    choice = entry.get("choice") if isinstance(entry, dict) else None
+    return choice if choice in key[-1] else None
+
+
+def _save_choice(key: tuple, device: torch.device, times: dict[str, float]) -> None:
+    path = auto_cache_path()
+    if path is None or device.type != "cuda":
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_cache(path)
+        data.setdefault(_device_key(device), {})[_decision_key(key)] = {
+            "choice": min(times, key=times.get),
+            "times_ms": {k: round(v, 5) for k, v in times.items()},
+        }
+        # Written whole and renamed: concurrent processes never see half a file.
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # a read-only home must not break a forward pass; the in-process cache still holds
+
+
+def saved_auto_choices(device: torch.device | str | None = None) -> dict[str, dict]:
+    """Persisted decisions {device key: {decision: {"choice", "times_ms"}}}, for one device if given."""
+    path = auto_cache_path()
+    data = _read_cache(path) if path is not None else {}
+    if device is None:
+        return data
+    key = _device_key(torch.device(device))
+    return {key: data.get(key, {})}
 
 
 def _time_backend_ms(backend: Backend, module, x: torch.Tensor, repeats: int = 10) -> float:
@@ -152,11 +258,58 @@ def _reference_forward(module, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(y) if module.activation == "gelu" else y
 
 
+def autocast_operands(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None):
+    """(x, values, bias) in the autocast dtype when autocast is on for x's device: what F.linear does there."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, values, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), values.to(dtype), bias.to(dtype) if bias is not None else None
+
+
+def cached_weight(module, name: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()`` (under no_grad), cached on the module until its stored weight changes.
+
+    The cache key is the identity and version counter of every tensor of the
+    layout (values and index buffers): an optimizer step, load_state_dict,
+    set_weight_ or .to() changes it. Not a buffer: never in state_dict.
+    """
+    key = module.layout_key()
+    cache = module.__dict__.setdefault("_weight_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = cache[name] = (key, build())
+    return hit[1]
+
+
+def _dense_forward(module, x: torch.Tensor) -> torch.Tensor:
+    if (torch.is_grad_enabled() and module.values.requires_grad) or torch.compiler.is_compiling():
+        # Training: rebuilt so gradients reach the stored values (an O(out*in)
+        # pass, small next to the matmul). Compiled: the graph rebuilds it too,
+        # since a cache the trace baked in would go stale after an update.
+        weight = module.to_dense()
+    else:
+        weight = cached_weight(module, "dense", module.to_dense)
+    y = F.linear(x, weight, module.bias)
+    return F.gelu(y) if module.activation == "gelu" else y
+
+
+register_backend(
+    Backend(
+        name="dense",
+        description="cuBLAS / CPU matmul on the masked dense weight, kept while the weights do not change "
+        "(memory of a dense layer; no speedup, never slower than nn.Linear)",
+        why_not=lambda spec: None,
+        forward=_dense_forward,
+    )
+)
 register_backend(
     Backend(
         name="reference",
-        description="pure torch: rebuilds the masked dense weight and calls F.linear (any device; no speedup)",
+        description="pure torch: rebuilds the masked dense weight on every call (the semantics kernels are tested "
+        "against; explicit backend='reference' only)",
         why_not=lambda spec: None,
         forward=_reference_forward,
+        auto=lambda spec: False,
     )
 )

@@ -95,6 +95,9 @@ def collect() -> dict:
             device: {pattern: [b.name for b in backends.auto_candidates(_spec(pattern, device))] for pattern in PATTERNS}
             for device in device_types
         },
+        "auto_cache": str(backends.auto_cache_path()) if backends.auto_cache_path() else None,
+        # What "auto" measured and chose on this GPU model with these versions (persisted across processes).
+        "auto_decisions": next(iter(backends.saved_auto_choices("cuda").values())) if cuda_devices else {},
         "notes": notes,
     }
 
@@ -127,6 +130,13 @@ def format_report(info: dict) -> str:
             listed = ", ".join(f"{name}: {'usable' if reason is None else reason}" for name, reason in per_backend.items())
             candidates = " | ".join(info["auto_candidates"][device][pattern])
             lines.append(f"  {device:<5} {pattern:<13} auto: {candidates:<20} [{listed}]")
+    decisions = info.get("auto_decisions") or {}
+    lines += ["", f"auto decisions on this GPU (cache: {info.get('auto_cache') or 'off'})"]
+    if not decisions:
+        lines += ["  none yet (decided on first use per layer shape and batch-rows bucket)"]
+    for key, entry in sorted(decisions.items()):
+        times = ", ".join(f"{name} {ms:.3f} ms" for name, ms in sorted(entry["times_ms"].items(), key=lambda kv: kv[1]))
+        lines.append(f"  {key}: {entry['choice']}  [{times}]")
     for note in info["notes"]:
         lines += ["", f"NOTE: {note}"]
     return "\n".join(lines)

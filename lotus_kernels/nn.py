@@ -339,7 +339,33 @@ class SparseLinear(nn.Module):
         dtype = like.dtype
         if x is not None and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        return backends.LayerSpec(self.pattern, like.device, dtype, self.block_size if self.pattern == "block" else None)
+        return backends.LayerSpec(
+            self.pattern, like.device, dtype, self.block_size if self.pattern == "block" else None,
+            (self.out_features, self.in_features),
+        )
+
+    def layout_key(self) -> tuple:
+        """Changes whenever the stored weight may have: (identity, version) of values and index buffers.
+
+        Backends key caches derived from the weight on it (a dense copy, a
+        cuSPARSELt-packed copy); optimizer steps, load_state_dict, set_weight_
+        and .to() all change it.
+        """
+        names = {"block": ("values", "crow_indices", "col_indices"), "2:4": ("values", "metadata"), "unstructured": ("values", "packed_mask")}
+        tensors = [getattr(self, n) for n in names[self.pattern]]
+        return tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in tensors)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Derived copies would not follow the move/cast: drop them (rebuilt on next use).
+        self.__dict__.pop("_weight_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # deepcopy / pickle: the caches are derived data, not state.
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_weight_cache", None)
+        return state
 
     def block_structure(self) -> ops.BlockSparseStructure:
         """Block pattern: the index structure the kernel backends walk besides the BSR triple.

@@ -416,8 +416,6 @@ def _semi_structured_setup(ctx, inputs, output):
 
 
 def _semi_structured_backward(ctx, grad_y, grad_pre):
-    from .mask_compaction import unpack_2to4_slots
-
     x, values, metadata, pre = ctx.saved_tensors
     grad = _grad_before_activation("semi_structured_matmul", ctx.activation, grad_y, pre)
     n, half = values.shape
@@ -425,12 +423,23 @@ def _semi_structured_backward(ctx, grad_y, grad_pre):
     if ctx.needs_input_grad[0]:
         grad_x = _semi_structured_matmul_dx(grad, values, metadata, x.shape[1])
     if ctx.needs_input_grad[1]:
-        # dW dense (cuBLAS), then only the kept slots: pruned positions never get gradient.
-        dense = (grad.t() @ x).view(n, half // 2, 4)
-        grad_values = dense.gather(-1, unpack_2to4_slots(metadata, 2 * half)).reshape(n, half)
+        grad_values = semi_structured_values_grad(grad, x, metadata)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
     return grad_x, grad_values, None, grad_bias, None, None
+
+
+def semi_structured_values_grad(grad: torch.Tensor, x: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+    """Gradient of the compressed 2:4 values: grad [M, N], x [M, K] -> [N, K/2].
+
+    dW dense (one cuBLAS matmul), then only the kept slots are read out:
+    pruned positions never get gradient. Shared by every 2:4 backend.
+    """
+    from .mask_compaction import unpack_2to4_slots
+
+    n, k = grad.shape[1], x.shape[1]
+    dense = (grad.t() @ x).view(n, k // 4, 4)
+    return dense.gather(-1, unpack_2to4_slots(metadata, k)).reshape(n, k // 2)
 
 
 _semi_structured_matmul.register_autograd(_semi_structured_backward, setup_context=_semi_structured_setup)

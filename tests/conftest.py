@@ -9,6 +9,8 @@ and the Triton tests run their kernels on CUDA tensors instead.
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# "auto" backend decisions are not persisted from tests (a test opts in with a tmp dir).
+os.environ["LOTUS_AUTO_CACHE"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -133,7 +133,7 @@ def test_sparse_linear_triton_backend_matches_reference_and_trains(pattern_block
 
 def test_auto_on_cpu_keeps_the_reference_and_explicit_triton_needs_the_interpreter(monkeypatch):
     layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16)
-    assert backends.select_for(layer, torch.randn(2, 64), layer.spec()).name == "reference"
+    assert backends.select_for(layer, torch.randn(2, 64), layer.spec()).name == "dense"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     reason = dict(backends.explain(layer.spec()))["triton"]
     assert "TRITON_INTERPRET=1" in reason
@@ -172,14 +172,47 @@ def test_auto_on_cuda_times_once_per_shape_and_keeps_the_fastest(monkeypatch):
 
         return time
 
-    fast_triton = timer({"triton": 1.0, "reference": 2.0})
+    fast_triton = timer({"triton": 1.0, "dense": 2.0})
     assert backends.select_for(layer, FakeCudaInput(8, 197, 64), spec, fast_triton).name == "triton"
-    assert sorted(calls) == ["reference", "triton"]
+    assert sorted(calls) == ["dense", "triton"]
     # Same shape bucket (rows 1576 -> 2048): cached, no new timing.
     assert backends.select_for(layer, FakeCudaInput(1600, 64), spec, fast_triton).name == "triton"
     assert len(calls) == 2
-    # Another bucket where dense wins: the reference (cuBLAS on the dense weight) is chosen.
-    assert backends.select_for(layer, FakeCudaInput(1, 64), spec, timer({"triton": 3.0, "reference": 2.0})).name == "reference"
+    # Another bucket where dense wins: "dense" (cuBLAS on the cached dense weight) is chosen.
+    assert backends.select_for(layer, FakeCudaInput(1, 64), spec, timer({"triton": 3.0, "dense": 2.0})).name == "dense"
+
+
+def test_auto_decisions_persist_across_processes(monkeypatch, tmp_path):
+    monkeypatch.setattr(backends, "_AUTO_CHOICE", {})
+    monkeypatch.setenv("LOTUS_AUTO_CACHE", "1")
+    monkeypatch.setenv("LOTUS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(backends, "_device_key", lambda device: "Fake GPU | versions")
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16)
+
+    class FakeCudaInput:
+        device = torch.device("cuda")
+        shape = torch.Size((300, 64))
+
+    spec = backends.LayerSpec("block", torch.device("cuda"), torch.float16, (16, 16), (64, 64))
+    timed = []
+
+    def timer(backend, module, x):
+        timed.append(backend.name)
+        return {"triton": 1.0, "dense": 2.0}[backend.name]
+
+    assert backends.select_for(layer, FakeCudaInput(), spec, timer).name == "triton"
+    saved = backends.saved_auto_choices()["Fake GPU | versions"]
+    (entry,) = saved.values()
+    assert entry == {"choice": "triton", "times_ms": {"triton": 1.0, "dense": 2.0}}
+    # A "new process": the in-memory cache is empty, the file answers without timing.
+    backends._AUTO_CHOICE.clear()
+    assert backends.select_for(layer, FakeCudaInput(), spec, timer).name == "triton"
+    assert timed == ["triton", "dense"]
+    # A corrupt file is measured again, not fatal.
+    (tmp_path / "auto_choices.json").write_text("{not json")
+    backends._AUTO_CHOICE.clear()
+    assert backends.select_for(layer, FakeCudaInput(), spec, timer).name == "triton"
+    assert len(timed) == 4
 
 
 @pytest.mark.parametrize(

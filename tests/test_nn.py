@@ -270,12 +270,47 @@ def test_cuda_matches_cpu_for_every_pattern():
 def test_backend_reference_and_auto():
     sparse = SparseLinear.from_dense(make_linear(), "2:4", backend="reference")
     assert sparse.backend == "reference"
-    assert backends.select("auto", backends.LayerSpec("2:4", torch.device("cpu"), torch.float32)).name == "reference"
+    # auto on CPU: the cached dense matmul; the reference is for explicit use only.
+    assert backends.select("auto", backends.LayerSpec("2:4", torch.device("cpu"), torch.float32)).name == "dense"
+    assert "reference" not in [b.name for b in backends.auto_candidates(backends.LayerSpec("2:4", torch.device("cpu"), torch.float32))]
     assert ("reference", None) in backends.explain(backends.LayerSpec("block", torch.device("cpu"), torch.float16, (32, 32)))
+    assert backends.backend_names()[-2:] == ["dense", "reference"]
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "block", "unstructured"])
+def test_dense_backend_caches_the_weight_until_it_changes(pattern):
+    layer = SparseLinear.from_dense(make_linear(), pattern, sparsity=None if pattern == "2:4" else 0.5, block_size=16, backend="dense")
+    x = torch.randn(5, 96)
+    builds = []
+    original = layer.to_dense
+
+    def counting_to_dense():
+        builds.append(1)
+        return original()
+
+    layer.to_dense = counting_to_dense
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first) and len(builds) == 1  # cached
+    expected = F.linear(x, original(), layer.bias)
+    assert torch.allclose(first, expected, atol=1e-6)
+    # Training: rebuilt differentiably, gradients reach only the stored values.
+    layer(x).sum().backward()
+    assert layer.values.grad is not None and len(builds) == 2
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()  # bumps values' version
+    with torch.no_grad():
+        after = layer(x)
+    assert len(builds) == 3 and not torch.equal(after, first)
+    assert torch.allclose(after, F.linear(x, original(), layer.bias), atol=1e-6)
+    # load_state_dict copies in place: the cache must not survive it.
+    fresh = SparseLinear.from_dense(make_linear(), pattern, sparsity=None if pattern == "2:4" else 0.5, block_size=16)
+    layer.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(layer(x), fresh(x), atol=1e-6)
 
 
 def test_a_registered_backend_takes_over_auto_and_the_contract_holds(monkeypatch):
-    monkeypatch.setattr(backends, "_REGISTRY", {"reference": backends._REGISTRY["reference"]})
+    monkeypatch.setattr(backends, "_REGISTRY", {name: backends._REGISTRY[name] for name in ("dense", "reference")})
     calls = []
 
     def forward(module, x):
@@ -285,11 +320,11 @@ def test_a_registered_backend_takes_over_auto_and_the_contract_holds(monkeypatch
     backends.register_backend(
         backends.Backend("toy", "test backend", lambda spec: None if spec.pattern == "block" else "block only", forward)
     )
-    assert backends.backend_names() == ["toy", "reference"]
+    assert backends.backend_names() == ["toy", "dense", "reference"]
     block = SparseLinear.from_dense(make_linear(), "block", sparsity=0.5, block_size=32)
     block(torch.randn(2, 96))
     unstructured = SparseLinear.from_dense(make_linear(), "unstructured", sparsity=0.5)
-    unstructured(torch.randn(2, 96))  # toy declines: auto falls back to reference
+    unstructured(torch.randn(2, 96))  # toy declines: auto falls back to dense
     assert calls == ["block"]
     unstructured.backend = "toy"
     with pytest.raises(RuntimeError, match="block only"):

@@ -13,7 +13,7 @@ import os
 import torch
 
 from .. import ops
-from ..backends import Backend, LayerSpec, register_backend
+from ..backends import Backend, LayerSpec, autocast_operands, register_backend
 
 # Looked up once: a per-call find_spec breaks torch.compile on older torch
 # (dynamo refuses to trace importlib). find_spec does not import triton.
@@ -41,12 +41,7 @@ def _triton_why_not(spec: LayerSpec) -> str | None:
 
 
 def _triton_forward(module, x: torch.Tensor) -> torch.Tensor:
-    values, bias = module.values, module.bias
-    if torch.is_autocast_enabled(x.device.type):
-        # What F.linear does under autocast: compute in the autocast dtype.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, values = x.to(dtype), values.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    x, values, bias = autocast_operands(x, module.values, module.bias)
     with torch.autocast(x.device.type, enabled=False):
         if module.pattern == "2:4":
             return ops.semi_structured_matmul(x, values, module.metadata, bias, module.activation)
