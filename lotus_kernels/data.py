@@ -74,6 +74,7 @@ __all__ = [
     "normalize",
     "crop_flip",
     "EpochPlan",
+    "BatchDraws",
     "DeviceLoader",
 ]
 
@@ -966,6 +967,22 @@ class EpochPlan:
     flips: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchDraws:
+    """Which samples a batch holds and how they were augmented, on the loader's device.
+
+    indices: int64 [B] dataset positions; offsets: int64 [B, 2] crop offsets
+    (dy, dx) into the image padded by ``padding`` pixels; flips: bool [B].
+    What ``map_tickets`` / ``map_scores`` need to follow patches through the
+    augmentation.
+    """
+
+    indices: torch.Tensor
+    offsets: torch.Tensor
+    flips: torch.Tensor
+    padding: int
+
+
 class DeviceLoader:
     """Mini-batches of a whole ImageSet kept on one device.
 
@@ -1083,10 +1100,14 @@ class DeviceLoader:
         return EpochPlan(indices, offsets, flips)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, _ in self.iter_with_draws():
+            yield x, y
+
+    def iter_with_draws(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, BatchDraws]]:
+        """As iterating, plus each batch's ``BatchDraws`` (for fixed data lottery tickets)."""
         plan = self.plan()
         indices = plan.indices.to(self.device)
-        if self.augment:
-            offsets, flips = plan.offsets.to(self.device), plan.flips.to(self.device)
+        offsets, flips = plan.offsets.to(self.device), plan.flips.to(self.device)
         m, b = len(indices), self.batch_size
         for i in range(self.start_batch, len(self)):
             batch = slice(i * b, min((i + 1) * b, m))
@@ -1094,7 +1115,8 @@ class DeviceLoader:
             images = self.dataset.images[index]
             if self.augment:
                 images = crop_flip(images, offsets[batch], flips[batch], self.padding)
-            yield normalize(images, self._mean, self._std), self.dataset.labels[index]
+            draws = BatchDraws(index, offsets[batch], flips[batch], self.padding)
+            yield normalize(images, self._mean, self._std), self.dataset.labels[index], draws
 
     def __repr__(self) -> str:
         return (

@@ -5,9 +5,11 @@
 Stages (each writes a sub-folder of ``out_dir``; report.md sums them up):
 1. ``dense``: train the dense ViT with the engine (``train.train``); it is
    the selector and the starting point of everything else.
-2. ``tickets``: fine-tune a copy on its data lottery tickets (online: the
-   frozen dense selector picks each augmented batch's top-CLS-attention
-   patches; the student drops the rest at the input), evaluating each epoch
+2. ``tickets``: fine-tune a copy on its data lottery tickets (``ticket_mode``
+   "online": the frozen dense selector picks each augmented batch's
+   top-CLS-attention patches; "fixed": it scores every training image once
+   and each batch maps the scores through its crops and flips; the student
+   drops the other patches at the input), evaluating each epoch
    with all patches (test_acc) and with tickets (test_tickets_acc);
    ``random``: the same on random patches of the same count (the control).
 3. ``essential_sparsity``: one-shot global magnitude sweep of the dense model
@@ -63,7 +65,7 @@ from .pruning import (
 )
 from .pruning.masking import global_sparsity, prunable_weights
 from .report import metrics_table
-from .tickets import TicketSelector, prepare_student_, ticket_hooks
+from .tickets import FixedTickets, TicketSelector, prepare_student_, ticket_hooks
 
 PATTERNS = ("unstructured", "2:4", "block")
 
@@ -75,6 +77,7 @@ class PipelineConfig:
 
     train: dict = dataclasses.field(default_factory=dict)
     keep_ratio: float = 0.5
+    ticket_mode: str = "online"  # "online": selector on every augmented batch; "fixed": scored once, mapped through augmentation
     ticket_layer: int | str = -1
     ticket_epochs: int = 5
     ticket_lr_scale: float = 0.5  # fine-tuning lr = dense lr * this
@@ -99,6 +102,8 @@ class PipelineConfig:
         self.train_config  # validates model name, dataset, recipe (unknown keys too)
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) or not 0 < self.keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
+        if self.ticket_mode not in ("online", "fixed"):
+            raise ValueError(f"ticket_mode must be 'online' or 'fixed', got {self.ticket_mode!r}")
         self.target_sparsity = check_sparsity(self.target_sparsity, "target_sparsity")
         self.es_sparsities = tuple(check_sparsity(s, "es_sparsities") for s in self.es_sparsities)
         if not self.es_sparsities:
@@ -251,12 +256,14 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
     dense_acc = dense_run.history[-1]["test_acc"]
     row("dense", {"acc_all_patches": dense_acc}, 0.0)
 
-    # 2. tickets (online) and the random control
+    # 2. tickets (online or fixed) and the random control
     log("[2/6] fine-tuning on data lottery tickets")
     selector = TicketSelector(dense, config.keep_ratio, config.ticket_layer)
     ft = _stage_config(base, epochs=config.ticket_epochs, lr=base.lr * config.ticket_lr_scale, warmup_epochs=0.0, init_from=None)
-    hooks = ticket_hooks(selector, "online")
-    student = prepare_student_(copy.deepcopy(dense), config.keep_ratio, "online")
+    mode = config.ticket_mode
+    fixed = FixedTickets.from_selector(selector, train_set) if mode == "fixed" else None
+    hooks = ticket_hooks(selector, mode, fixed)
+    student = prepare_student_(copy.deepcopy(dense), config.keep_ratio, mode)
     tickets_run = _train_on_tickets(ft, out / "tickets", student, hooks, test_set, log)
     student = tickets_run.model
     row("tickets", {"acc_all_patches": tickets_run.history[-1]["test_acc"], "acc_tickets": tickets_run.history[-1]["test_tickets_acc"]}, 0.0)
@@ -297,13 +304,13 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
         masks = project_masks(weights, isp.masks, pattern, config.block_size) if pattern != "unstructured" else isp.masks
         model = copy.deepcopy(pruned)
         hold_masks_(model, masks)
-        prepare_student_(model, config.keep_ratio, "online")
+        prepare_student_(model, config.keep_ratio, mode)
         name = f"combined_{pattern.replace(':', 'of')}"
         run = _train_on_tickets(_stage_config(ft, epochs=config.finetune_epochs), out / name, model, hooks, test_set, log)
         model = disable_patch_dropping_(run.model)
         release_masks_(model)
         sparsify_masked_(model, masks, pattern=pattern, block_size=config.block_size)
-        prepare_student_(model, config.keep_ratio, "online")
+        prepare_student_(model, config.keep_ratio, mode)
         acc = _eval_both(model, test_set, hooks, base.amp)
         finals[pattern] = (model, masks)
         histories[f"tickets + {pattern} {config.target_sparsity:.0%}"] = run.history
@@ -385,7 +392,7 @@ def write_pipeline_report(out: Path, config: PipelineConfig, summary: dict, hist
     t = summary["timing"]
     parts = [
         f"# {title}",
-        f"Keep ratio {config.keep_ratio} (tickets: top CLS-attention patches of the dense model), target sparsity "
+        f"Keep ratio {config.keep_ratio} (tickets: top CLS-attention patches of the dense model, {config.ticket_mode} mode), target sparsity "
         f"{config.target_sparsity:.0%}, patterns {list(config.patterns)}.",
         "## Results", "\n".join(rows),
         "![test accuracy per epoch](accuracy_per_epoch.png)",

@@ -11,14 +11,14 @@ Modes of training on tickets (``ticket_hooks``):
 - "online": the frozen selector scores every augmented (mixed) batch without
   gradient and the student runs on that batch's tickets, as the data-level
   lottery-ticket paper (Shen et al., IJCAI 2023) does;
+- "fixed": the selector scores every training image once, un-augmented
+  (``fixed_ticket_scores``); each batch then maps its images' scores through
+  that batch's crops and flips (``map_scores``, from the engine's
+  ``BatchDraws``) and keeps the top patches: no selector forward per step;
 - "random": the control, a random subset of the same size per image.
 The student drops the other patches right after the position embedding
 (``enable_patch_dropping_(student, keep_ratio, selector="given")``).
-
-Fixed tickets (computed once on un-augmented images and mapped through the
-crops and flips): ``map_tickets`` does the mapping exactly; the training
-engine does not yet hand a batch's augmentation draws to the forward, so
-training with fixed tickets is not wired (see the README's status table).
+Evaluation "on tickets" runs the selector on the (un-augmented) test images.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .patch_dropping import (
     use_tickets,
 )
 
-MODES = ("online", "random")
+MODES = ("online", "fixed", "random")
 
 
 def _check_keep_ratio(keep_ratio) -> float:
@@ -154,11 +154,87 @@ def map_tickets(tickets: torch.Tensor, grid: tuple[int, int], patch: int, offset
     return keep
 
 
+def map_scores(scores: torch.Tensor, grid: tuple[int, int], patch: int, offsets: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
+    """Patch scores of un-augmented images carried through ``data.crop_flip``'s crops and flips.
+
+    scores [B, rows * cols] float; offsets [B, 2] crop offsets (dy, dx) into
+    the image padded by ``padding``; flips [B] bool. Each patch of the
+    augmented image gets the score of the original patch under its centre
+    pixel, or -inf when that pixel is padding (such patches are chosen last).
+    The inverse of ``map_tickets``' mapping: the top patches of the mapped
+    scores are the mapped tickets, topped up to k when some moved out (at a
+    shift of exactly half a patch a ticket straddles two patches, and the
+    two mappings may pick different ones of the pair).
+    Returns [B, rows * cols] float.
+    """
+    rows, cols = grid
+    index = torch.arange(rows * cols, device=scores.device)
+    y = (index // cols * patch + patch // 2)[None, :]  # centre of each augmented patch
+    x = (index % cols * patch + patch // 2)[None, :]
+    x = torch.where(flips[:, None], cols * patch - 1 - x, x)  # undo the flip, then the crop
+    y = y + offsets[:, :1] - padding
+    x = x + offsets[:, 1:] - padding
+    inside = (y >= 0) & (y < rows * patch) & (x >= 0) & (x < cols * patch)
+    source = (y.clamp(0, rows * patch - 1) // patch) * cols + x.clamp(0, cols * patch - 1) // patch
+    mapped = scores.gather(1, source)
+    return mapped.masked_fill(~inside, float("-inf"))
+
+
+@torch.no_grad()
+def fixed_ticket_scores(selector: "TicketSelector", dataset, batch_size: int = 256, device=None) -> torch.Tensor:
+    """The selector's patch scores of every image of ``dataset`` (an ImageSet), un-augmented: float32 [N, num_patches].
+
+    Normalised as the training loader normalises (the dataset's mean/std), in
+    dataset order, on ``device`` (default: the selector's).
+    """
+    from .data import DeviceLoader
+
+    device = torch.device(device) if device is not None else next(selector.model.parameters()).device
+    loader = DeviceLoader(dataset, batch_size, shuffle=False, augment=False, device=device)
+    return torch.cat([selector.scores(x).float() for x, _ in loader])
+
+
+class FixedTickets:
+    """The "fixed" training hook: hook(student, x, draws) runs the student on each image's mapped tickets.
+
+    scores [N, num_patches]: ``fixed_ticket_scores`` of the training set
+    (indexed by ``draws.indices``); grid / patch: the student's patch grid
+    (rows, cols) and patch size in pixels; keep_ratio: as the selector's.
+    """
+
+    needs_draws = True  # the training engine then passes the batch's BatchDraws
+
+    def __init__(self, scores: torch.Tensor, grid: tuple[int, int], patch: int, keep_ratio: float):
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"scores must be a [N, {grid[0] * grid[1]}] tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
+        self.scores, self.grid, self.patch = scores, tuple(grid), int(patch)
+        self.k = num_kept(_check_keep_ratio(keep_ratio), scores.shape[1])
+
+    @classmethod
+    def from_selector(cls, selector: "TicketSelector", dataset, batch_size: int = 256) -> "FixedTickets":
+        """Score ``dataset`` (the training ImageSet, in the engine's order) once with ``selector``."""
+        embed = selector.model.patch_embed
+        patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else embed.patch_size
+        return cls(fixed_ticket_scores(selector, dataset, batch_size), tuple(embed.grid_size), patch, selector.keep_ratio)
+
+    def tickets(self, draws) -> torch.Tensor:
+        """The batch's tickets [B, k] (ascending patch indices) after its crops and flips."""
+        scores = self.scores[draws.indices.to(self.scores.device)].to(draws.offsets.device)
+        mapped = map_scores(scores, self.grid, self.patch, draws.offsets, draws.flips, draws.padding)
+        return top_patches(mapped, self.k)
+
+    def __call__(self, student: nn.Module, x: torch.Tensor, draws) -> torch.Tensor:
+        if draws is None or draws.indices is None:
+            raise ValueError("fixed tickets need the batch's draws: use them as train(token_hook=...) of lotus_kernels.train")
+        with use_tickets(student, self.tickets(draws), validate=False):
+            return student(x)
+
+
 def prepare_student_(student: nn.Module, keep_ratio: float, mode: str = "online", backend: str = "auto") -> nn.Module:
-    """Make ``student`` drop patches at the input: selector "given" for online tickets, "random" for the control."""
+    """Make ``student`` drop patches at the input: selector "given" for online and fixed tickets, "random" for the control."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return enable_patch_dropping_(student, _check_keep_ratio(keep_ratio), selector="given" if mode == "online" else "random", backend=backend)
+    return enable_patch_dropping_(student, _check_keep_ratio(keep_ratio), selector="random" if mode == "random" else "given", backend=backend)
 
 
 def _dropout(model: nn.Module) -> TicketDropout:
@@ -168,18 +244,21 @@ def _dropout(model: nn.Module) -> TicketDropout:
     return dropout
 
 
-def ticket_hooks(selector: TicketSelector | None, mode: str = "online"):
+def ticket_hooks(selector: TicketSelector | None, mode: str = "online", fixed: FixedTickets | None = None):
     """(train_hook, all_patches_hook, tickets_hook) for ``train.train``/``train.evaluate`` token_hook arguments.
 
     train_hook(student, x): the student on x's tickets (online: the selector's
-    choice on this very batch; random: a fresh random subset).
+    choice on this very batch; fixed: ``fixed``, the precomputed tickets
+    mapped through the batch's augmentation; random: a fresh random subset).
     all_patches_hook: the student on every patch. tickets_hook: on the
     selector's tickets (random mode: on random ones), for evaluation.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "online" and not isinstance(selector, TicketSelector):
-        raise TypeError(f"online tickets need a TicketSelector, got {type(selector).__name__}")
+    if mode in ("online", "fixed") and not isinstance(selector, TicketSelector):
+        raise TypeError(f"{mode} tickets need a TicketSelector, got {type(selector).__name__}")
+    if mode == "fixed" and not isinstance(fixed, FixedTickets):
+        raise TypeError(f"fixed tickets need fixed=FixedTickets.from_selector(selector, train_set), got {type(fixed).__name__}")
 
     def on_tickets(student, x):
         if mode == "random":
@@ -197,7 +276,7 @@ def ticket_hooks(selector: TicketSelector | None, mode: str = "online"):
         finally:
             dropout.bypass = saved
 
-    return on_tickets, all_patches, on_tickets
+    return (fixed if mode == "fixed" else on_tickets), all_patches, on_tickets
 
 
 def ticket_overlap(a: torch.Tensor, b: torch.Tensor, num_patches: int) -> float:

@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import DeviceLoader, ImageSet, load_cifar10, resolve_cifar10_source, split_holdout, synthetic_dataset
+from .data import BatchDraws, DeviceLoader, ImageSet, load_cifar10, resolve_cifar10_source, split_holdout, synthetic_dataset
 
 __all__ = [
     "PRESETS",
@@ -824,15 +824,27 @@ class TrainResult:
     extra: dict | None = None
 
 
-class _HookedForward(nn.Module):
-    """model behind a token_hook, as one module, so DDP and torch.compile wrap the hooked forward."""
+def _needs_draws(hook) -> bool:
+    return bool(getattr(hook, "needs_draws", False))
 
-    def __init__(self, model: nn.Module, hook: Callable):
+
+class _HookedForward(nn.Module):
+    """model behind a token_hook, as one module, so DDP and torch.compile wrap the hooked forward.
+
+    A hook with ``needs_draws = True`` is called as hook(model, x, draws)
+    with the batch's ``data.BatchDraws`` (travelling as three tensors so DDP
+    and torch.compile see plain tensor arguments).
+    """
+
+    def __init__(self, model: nn.Module, hook: Callable, padding: int = 0):
         super().__init__()
         self.model = model
         self.hook = hook
+        self.padding = padding
 
-    def forward(self, x):
+    def forward(self, x, indices=None, offsets=None, flips=None):
+        if _needs_draws(self.hook):
+            return self.hook(self.model, x, BatchDraws(indices, offsets, flips, self.padding))
         return self.hook(self.model, x)
 
 
@@ -906,7 +918,11 @@ def train(
     token_hook(model, x) -> logits: replaces model(x) in training forwards
         (x: the float32 [B, 3, H, W] batch after mixup/cutmix), for patch
         dropping; eval_token_hook does the same for evaluation (default: the
-        plain model, all patches).
+        plain model, all patches). A token_hook with an attribute
+        ``needs_draws = True`` is called hook(model, x, draws) with the
+        batch's ``data.BatchDraws`` (dataset indices, crop offsets, flips;
+        under mixup/cutmix they describe each row's first image), which fixed
+        data lottery tickets follow through the augmentation.
     overwrite: allow a fresh run (resume=False) into an out_dir that already
         holds a checkpoint; otherwise that is a ValueError.
 
@@ -1031,7 +1047,8 @@ def train(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    forward: nn.Module = _HookedForward(model, token_hook) if token_hook is not None else model
+    forward: nn.Module = _HookedForward(model, token_hook, loader.padding) if token_hook is not None else model
+    with_draws = _needs_draws(token_hook)
     if info.active:
         import inspect
 
@@ -1125,8 +1142,9 @@ def train(
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = 0
             lr = optimizer.param_groups[0]["lr"]
-            batch_bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show, dynamic_ncols=True)
-            for i, (x, y) in enumerate(batch_bar):
+            batches = loader.iter_with_draws()
+            batch_bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show, dynamic_ncols=True)
+            for i, (x, y, draws) in enumerate(batch_bar):
                 lr = lr_at_step(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -1139,7 +1157,7 @@ def train(
                 else:
                     inputs, targets = x, y
                 with _autocast(device, amp_dtype):
-                    logits = forward(inputs)
+                    logits = forward(inputs, draws.indices, draws.offsets, draws.flips) if with_draws else forward(inputs)
                 logits = logits.float()
                 if mixing:
                     loss = F.cross_entropy(logits, targets)

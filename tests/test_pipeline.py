@@ -38,6 +38,13 @@ def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_pipeline_with_fixed_tickets(tmp_path):
+    config = PipelineConfig(**{**TINY, "ticket_mode": "fixed", "patterns": ("unstructured",), "random_control": False})
+    summary = run_pipeline(config, tmp_path, log=lambda *a: None)
+    assert [r["stage"] for r in summary["rows"]] == ["dense", "tickets", "tickets + unstructured pruning"]
+    assert "fixed mode" in (tmp_path / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "change,match",
     [
@@ -51,6 +58,7 @@ def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
         ({"patterns": ["2:4"], "target_sparsity": 0.3}, "2:4"),
         ({"isp_vote_threshold": 9}, "isp_vote_threshold"),
         ({"no_such_key": 1}, "unknown pipeline config keys"),
+        ({"ticket_mode": "sticky"}, "ticket_mode"),
     ],
 )
 def test_bad_configs_fail_before_any_training(monkeypatch, tmp_path, change, match):

@@ -101,9 +101,93 @@ def test_bad_arguments_raise_before_any_work():
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         T.TicketSelector(torch.nn.Linear(2, 2), 0.5)
     with pytest.raises(ValueError, match="mode"):
-        T.ticket_hooks(None, "fixed")
+        T.ticket_hooks(None, "sticky")
     with pytest.raises(TypeError, match="TicketSelector"):
         T.ticket_hooks(None, "online")
+    with pytest.raises(TypeError, match="FixedTickets"):
+        T.ticket_hooks(T.TicketSelector(model, 0.5), "fixed")
+    with pytest.raises(ValueError, match="scores must be"):
+        T.FixedTickets(torch.zeros(3, 15), (4, 4), 8, 0.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_map_scores_follows_crop_flip_exactly(seed):
+    # Patch-aligned crops (offsets that are multiples of the patch size): paint
+    # each patch of an image with its score, augment the image with
+    # data.crop_flip, and the augmented patches carry the mapped scores; the
+    # padding (painted 0) is where map_scores says -inf.
+    from lotus_kernels.data import crop_flip
+
+    g = torch.Generator().manual_seed(seed)
+    b, rows, cols, patch, padding = 6, 4, 4, 8, 8
+    scores = torch.rand(b, rows * cols, generator=g) + 1  # > 0: padding paints 0
+    offsets = torch.randint(0, 3, (b, 2), generator=g) * patch  # in {0, 8, 16} = 2 * padding max
+    flips = torch.randint(0, 2, (b,), generator=g).bool()
+    painted = scores.view(b, rows, cols, 1).repeat_interleave(patch, 1).repeat_interleave(patch, 2)  # [B, H, W, C]
+    augmented = crop_flip(painted, offsets, flips, padding)[:, patch // 2 :: patch, patch // 2 :: patch, 0]
+    mapped = T.map_scores(scores, (rows, cols), patch, offsets, flips, padding)
+    expected = augmented.reshape(b, -1).masked_fill(augmented.reshape(b, -1) == 0, float("-inf"))
+    assert torch.equal(mapped, expected)
+
+
+def test_top_mapped_scores_are_the_mapped_tickets_when_none_is_lost():
+    # CIFAR's setting: 4-pixel patches, padding 4. Shifts of exactly half a patch
+    # (offsets 2 and 6) put ticket centres on patch borders, where the two
+    # mappings may fairly pick different neighbours: left out here.
+    g = torch.Generator().manual_seed(0)
+    n, grid, patch, k = 400, (8, 8), 4, 20
+    scores = torch.rand(n, 64, generator=g)
+    allowed = torch.tensor([0, 1, 3, 4, 5, 7, 8])
+    offsets = allowed[torch.randint(0, len(allowed), (n, 2), generator=g)]
+    flips = torch.randint(0, 2, (n,), generator=g).bool()
+    via_tickets = T.map_tickets(T.top_patches(scores, k), grid, patch, offsets, flips, 4)
+    top = T.top_patches(T.map_scores(scores, grid, patch, offsets, flips, 4), k)
+    via_scores = torch.zeros(n, 64, dtype=torch.bool).scatter_(1, top, True)
+    complete = via_tickets.sum(1) == k  # rows whose tickets all stayed in the image
+    assert 50 < complete.sum() < n
+    assert torch.equal(via_scores[complete], via_tickets[complete])
+    # Where some moved out, every surviving ticket patch is still chosen, topped up to k.
+    assert bool((via_scores | ~via_tickets).all()) and bool((via_scores.sum(1) == k).all())
+
+
+def test_student_trains_on_fixed_tickets_following_the_augmentation(tmp_path):
+    from lotus_kernels.train import build_data, build_model
+
+    config = TrainConfig(model="vit_micro_cifar", epochs=1, batch_size=32, synthetic_train=64, synthetic_test=64, progress=False, seed=0, augment=True)
+    selector = T.TicketSelector(build_model(config, 10), 0.5)
+    train_set, _ = build_data(config)
+    fixed = T.FixedTickets.from_selector(selector, train_set)
+    assert fixed.scores.shape == (64, 64) and fixed.grid == (8, 8) and fixed.patch == 4
+    # The stored scores are the selector's on un-augmented, normalised images.
+    from lotus_kernels.data import DeviceLoader
+
+    x0, _ = next(iter(DeviceLoader(train_set, 8, shuffle=False)))
+    assert torch.allclose(fixed.scores[:8], selector.scores(x0), atol=1e-6)
+
+    on_tickets, all_patches, tickets_eval = T.ticket_hooks(selector, "fixed", fixed)
+    assert on_tickets is fixed and on_tickets.needs_draws
+    seen_draws, seen_tokens = [], []
+
+    class Recording(T.FixedTickets):
+        def __call__(self, student, x, draws):
+            seen_draws.append(draws)
+            expected = T.top_patches(T.map_scores(fixed.scores[draws.indices], (8, 8), 4, draws.offsets, draws.flips, 4), 32)
+            assert torch.equal(self.tickets(draws), expected)
+            return super().__call__(student, x, draws)
+
+    hook = Recording(fixed.scores, fixed.grid, fixed.patch, 0.5)
+    student = T.prepare_student_(build_model(config, 10), 0.5, "fixed")
+    student.blocks[0].register_forward_pre_hook(lambda m, args: seen_tokens.append(args[0].shape[1]))
+    result = train(config, tmp_path / "fixed", model=student, token_hook=hook, eval_token_hook=all_patches)
+    assert result.history[-1]["test_acc"] is not None
+    # The engine handed over each batch's draws: the epoch's plan, batch by batch.
+    loader = DeviceLoader(train_set, 32, drop_last=True, augment=True, seed=0)
+    plan = loader.plan(0)
+    assert len(seen_draws) == 2
+    assert torch.equal(torch.cat([d.indices for d in seen_draws]), plan.indices[:64])
+    assert torch.equal(torch.cat([d.offsets for d in seen_draws]), plan.offsets[:64])
+    assert torch.equal(torch.cat([d.flips for d in seen_draws]), plan.flips[:64])
+    assert 1 + 32 in seen_tokens and 1 + 64 in seen_tokens
 
 
 @pytest.mark.parametrize("mode", ["online", "random"])
