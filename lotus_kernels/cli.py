@@ -8,7 +8,12 @@
     lotus info   [--json]
     lotus bench-report FILE.json ... [--out DIR] | --compare [OLD.json] NEW.json [--threshold 0.10]
     lotus pipeline [--config FILE] [--data ...] [--preset ...] [--epochs N] [--set key=value ...] [--demo] [--out DIR]
-    lotus tickets --checkpoint DENSE.pt [--keep-ratio 0.5] [--mode online|random] [--epochs N] [--out DIR]
+    lotus tickets --checkpoint DENSE.pt [--keep-ratio 0.5] [--mode online|fixed|random] [--epochs N] [--out DIR]
+    lotus prune   --checkpoint DENSE.pt --out DIR [--method instant-soup|one-shot|essential] [--sparsity 0.5]
+                  [--pattern unstructured|2:4|block] [--block-size 32] [--max-drop 0.01] [--ingredients 5]
+                  [--isp-epochs 1] [--isp-lr 1e-4] [--set key=value ...] [--overwrite]
+    lotus finetune --checkpoint PRUNED.pt --out DIR [--epochs 5] [--lr LR]
+                  [--keep-ratio R [--mode online|fixed --selector DENSE.pt | --mode random]] [--set key=value ...] [--overwrite]
     lotus export  --checkpoint FILE.pt --out MODEL.safetensors
 
 A run folder (``--out``; default ``runs/<model>-<dataset>-<UTC time>``) holds
@@ -28,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "report", "info", "bench-report", "pipeline", "tickets", "export")
+COMMANDS = ("train", "eval", "report", "info", "bench-report", "pipeline", "tickets", "prune", "finetune", "export")
 
 # `lotus pipeline --demo`: the whole method on the embedded synthetic set in a few minutes on a CPU.
 DEMO_PIPELINE = {
@@ -202,12 +207,48 @@ def _tickets(args) -> int:
     config = TrainConfig.from_dict({**checkpoint["config"], **parse_overrides(args.set)})
     config = _stage_config(config, epochs=args.epochs, warmup_epochs=0.0, init_from=None)
     dense = model_from_checkpoint(args.checkpoint)
-    selector = TicketSelector(dense, args.keep_ratio, args.layer if args.layer == "rollout" else int(args.layer)) if args.mode == "online" else None
+    selector = TicketSelector(dense, args.keep_ratio, args.layer if args.layer == "rollout" else int(args.layer)) if args.mode != "random" else None
     student = prepare_student_(copy.deepcopy(dense), args.keep_ratio, args.mode)
-    _, eval_sets = build_data(config)
+    train_set, eval_sets = build_data(config)
     out = Path(args.out) if args.out else Path("runs") / f"tickets-{args.mode}-{args.keep_ratio}"
-    result = _train_on_tickets(config, out, student, ticket_hooks(selector, args.mode), eval_sets["test"], print)
+    hooks = ticket_hooks(selector, args.mode, train_set=train_set if args.mode == "fixed" else None)
+    result = _train_on_tickets(config, out, student, hooks, eval_sets["test"], print)
     print(json.dumps({k: result.history[-1].get(k) for k in ("epoch", "test_acc", "test_tickets_acc")}))
+    return 0
+
+
+def _prune(args) -> int:
+    from .stages import prune_checkpoint
+
+    result = prune_checkpoint(
+        args.checkpoint, args.out, method=args.method, sparsity=args.sparsity, pattern=args.pattern, block_size=args.block_size,
+        **({"es_sparsities": args.es_sparsities} if args.es_sparsities is not None else {}), max_drop=args.max_drop, ingredients=args.ingredients,
+        subset_fraction=args.subset_fraction, prune_step=args.prune_step, vote_threshold=args.vote_threshold,
+        ingredient_epochs=args.isp_epochs, isp_lr=args.isp_lr, isp_start=args.isp_start,
+        overrides=parse_overrides(args.set), overwrite=args.overwrite,
+    )
+    split = result["eval_split"]
+    line = {k: result[k] for k in ("method", "pattern", "sparsity", "pruned", "prunable", "eval_split")}
+    line.update({f"dense_{split}_acc": result["accuracy"]["dense"][split], f"pruned_{split}_acc": result["accuracy"]["pruned"][split]})
+    if "essential_sparsity" in result:
+        line["knee"] = result["essential_sparsity"]["knee"]
+    print(json.dumps(line))
+    print(f"pruned checkpoint: {Path(args.out) / result['checkpoint']}\nsummary: {Path(args.out) / 'prune.json'}")
+    return 0
+
+
+def _finetune(args) -> int:
+    from .stages import finetune_checkpoint
+
+    if args.layer != "rollout" and not args.layer.lstrip("-").isdigit():
+        raise ValueError(f"--layer must be a block index or 'rollout', got {args.layer!r}")
+    result = finetune_checkpoint(
+        args.checkpoint, args.out, epochs=args.epochs, lr=args.lr, keep_ratio=args.keep_ratio, selector_checkpoint=args.selector,
+        mode=args.mode, layer=args.layer if args.layer == "rollout" else int(args.layer), overrides=parse_overrides(args.set),
+        overwrite=args.overwrite,
+    )
+    print(json.dumps({**result["metrics"], "sparsity": result["sparsity"]}))
+    print(f"run folder: {args.out}\ncheckpoint: {result['checkpoint']}\nreport: {result['report']}")
     return 0
 
 
@@ -287,12 +328,50 @@ def build_parser() -> argparse.ArgumentParser:
     tickets = commands.add_parser("tickets", help="fine-tune a dense checkpoint on its data lottery tickets (or random patches)")
     tickets.add_argument("--checkpoint", required=True, help="the dense model (also the selector)")
     tickets.add_argument("--keep-ratio", type=float, default=0.5)
-    tickets.add_argument("--mode", choices=("online", "random"), default="online")
+    tickets.add_argument(
+        "--mode", choices=("online", "fixed", "random"), default="online",
+        help="online: selector on each augmented batch; fixed: scored once, mapped through crops/flips; random: the control",
+    )
     tickets.add_argument("--layer", default="-1", help="selector block index, or 'rollout'")
     tickets.add_argument("--epochs", type=int, default=5)
     tickets.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training field, e.g. lr")
     tickets.add_argument("--out", help="run folder")
     tickets.set_defaults(func=_tickets)
+
+    prune = commands.add_parser("prune", help="prune a dense checkpoint into SparseLinear layers (one-shot, Essential Sparsity or Instant Soup)")
+    prune.add_argument("--checkpoint", required=True, help="the dense model")
+    prune.add_argument("--out", required=True, help="output folder: pruned.pt, prune.json, plots")
+    prune.add_argument("--method", default="instant-soup", help="instant-soup (default) | one-shot | essential (prunes at the knee)")
+    prune.add_argument("--sparsity", type=float, default=0.5, help="target in [0, 1); essential: the sweep's upper bound (default 0.5)")
+    prune.add_argument("--pattern", default="unstructured", help="unstructured (default) | 2:4 (needs --sparsity 0.5) | block")
+    prune.add_argument("--block-size", type=int, default=32, help="block pattern: square blocks of this side (default 32)")
+    prune.add_argument("--es-sparsities", type=float, nargs="+", default=None, metavar="S", help="Essential Sparsity sweep grid (default 0.1 ... 0.9)")
+    prune.add_argument("--max-drop", type=float, default=0.01, help="knee: largest sparsity within this accuracy fraction of dense (default 0.01)")
+    prune.add_argument("--ingredients", type=int, default=5, help="ISP ingredients per round (default 5)")
+    prune.add_argument("--subset-fraction", type=float, default=0.1, help="ISP: each ingredient's share of the training set (default 0.1)")
+    prune.add_argument("--prune-step", type=float, default=0.1, help="ISP: fraction of the kept weights pruned per round (default 0.1)")
+    prune.add_argument("--vote-threshold", type=int, default=1, help="ISP: keep a weight kept by at least this many ingredients (default 1: union)")
+    prune.add_argument("--isp-epochs", type=int, default=1, help="ISP: epochs per ingredient on its subset (default 1)")
+    prune.add_argument("--isp-lr", type=float, default=1e-4, help="ISP: ingredient learning rate (default 1e-4)")
+    prune.add_argument("--isp-start", default="knee", help="ISP starts from the Essential Sparsity knee (default) or 'dense'")
+    prune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field of the checkpoint, e.g. data_path")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing pruned.pt in --out")
+    prune.set_defaults(func=_prune)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a pruned checkpoint with its mask fixed (all patches or data lottery tickets)")
+    finetune.add_argument("--checkpoint", required=True, help="the pruned model (lotus prune's pruned.pt)")
+    finetune.add_argument("--out", required=True, help="run folder")
+    finetune.add_argument("--epochs", type=int, default=5)
+    finetune.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the checkpoint's lr * 0.5)")
+    finetune.add_argument("--keep-ratio", type=float, default=None, help="train on this fraction of the patches (tickets); default all patches")
+    finetune.add_argument(
+        "--mode", default="online", help="with --keep-ratio: online (tickets of --selector, default) | fixed (scored once) | random (control)"
+    )
+    finetune.add_argument("--selector", default=None, metavar="DENSE.pt", help="online tickets: the dense checkpoint that picks them")
+    finetune.add_argument("--layer", default="-1", help="selector block index, or 'rollout'")
+    finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training field (wins over the flags)")
+    finetune.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
+    finetune.set_defaults(func=_finetune)
 
     export = commands.add_parser("export", help="a checkpoint as compact safetensors (SparseLinear layers stay compact)")
     export.add_argument("--checkpoint", required=True)

@@ -244,21 +244,27 @@ def _dropout(model: nn.Module) -> TicketDropout:
     return dropout
 
 
-def ticket_hooks(selector: TicketSelector | None, mode: str = "online", fixed: FixedTickets | None = None):
+def ticket_hooks(selector: TicketSelector | None, mode: str = "online", fixed: FixedTickets | None = None, train_set=None):
     """(train_hook, all_patches_hook, tickets_hook) for ``train.train``/``train.evaluate`` token_hook arguments.
 
     train_hook(student, x): the student on x's tickets (online: the selector's
     choice on this very batch; fixed: ``fixed``, the precomputed tickets
-    mapped through the batch's augmentation; random: a fresh random subset).
-    all_patches_hook: the student on every patch. tickets_hook: on the
-    selector's tickets (random mode: on random ones), for evaluation.
+    mapped through the batch's augmentation, or, without it, tickets scored
+    now on ``train_set``, the engine's training ImageSet; random: a fresh
+    random subset). all_patches_hook: the student on every patch.
+    tickets_hook: on the selector's tickets (random mode: on random ones),
+    for evaluation.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode in ("online", "fixed") and not isinstance(selector, TicketSelector):
         raise TypeError(f"{mode} tickets need a TicketSelector, got {type(selector).__name__}")
+    if mode == "fixed" and fixed is None and train_set is not None:
+        fixed = FixedTickets.from_selector(selector, train_set)
     if mode == "fixed" and not isinstance(fixed, FixedTickets):
-        raise TypeError(f"fixed tickets need fixed=FixedTickets.from_selector(selector, train_set), got {type(fixed).__name__}")
+        raise TypeError(
+            f"fixed tickets need fixed=FixedTickets.from_selector(selector, train_set) or train_set, got {type(fixed).__name__}"
+        )
 
     def on_tickets(student, x):
         if mode == "random":

@@ -137,3 +137,17 @@ def test_eval_of_a_sparsified_run(tmp_path, capsys):
     assert torch.equal(rebuilt(x), result.model.eval()(x))
     assert cli.main(["eval", "--checkpoint", str(result.final_checkpoint)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 128
+
+
+def test_prune_and_finetune_are_commands(capsys):
+    assert {"prune", "finetune"} <= set(cli.COMMANDS)
+    for command in ("prune", "finetune"):
+        assert command in cli.__doc__
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "--checkpoint" in capsys.readouterr().out
+    args = cli.build_parser().parse_args(["prune", "--checkpoint", "d.pt", "--out", "o"])
+    assert (args.method, args.sparsity, args.pattern, args.es_sparsities) == ("instant-soup", 0.5, "unstructured", None)
+    args = cli.build_parser().parse_args(["finetune", "--checkpoint", "p.pt", "--out", "o"])
+    assert (args.epochs, args.lr, args.keep_ratio, args.selector, args.mode) == (5, None, None, None, "online")
