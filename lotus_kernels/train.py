@@ -159,6 +159,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs (the last epoch is always evaluated)
     checkpoint_every: int = 1  # epochs (the last epoch is always saved)
     progress: bool = True  # tqdm bars (rank 0 only)
+    dynamic_2to4_every: int = 0  # re-prune 2:4 SparseLinear layers every N steps (lotus_kernels.dynamic_2to4); 0: off
+    dynamic_2to4_lr_scale: float = 1.0  # the pruned weights' SGD lr as a multiple of the lr
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -175,10 +177,10 @@ class TrainConfig:
         for name in ("synthetic_train", "synthetic_test", "epochs", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("holdout", "seed"):
+        for name in ("holdout", "seed", "dynamic_2to4_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("lr", "weight_decay", "warmup_epochs", "min_lr", "mixup", "cutmix", "grad_clip"):
+        for name in ("lr", "weight_decay", "warmup_epochs", "min_lr", "mixup", "cutmix", "grad_clip", "dynamic_2to4_lr_scale"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -892,6 +894,7 @@ def train(
     on_epoch_end: Callable | None = None,
     token_hook: Callable | None = None,
     eval_token_hook: Callable | None = None,
+    on_step_end: Callable | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
     """Train per ``config`` and write the run into ``out_dir`` (created; rank 0 only).
@@ -923,6 +926,13 @@ def train(
         batch's ``data.BatchDraws`` (dataset indices, crop offsets, flips;
         under mixup/cutmix they describe each row's first image), which fixed
         data lottery tickets follow through the augmentation.
+    on_step_end(step, model, optimizer): called on every rank after each
+        optimizer step (step: steps done so far, 1-based), e.g. to adjust
+        masks. config.dynamic_2to4_every > 0 installs
+        ``dynamic_2to4.Dynamic2to4`` this way (the model must hold 2:4
+        SparseLinear layers; its state is checkpointed and resumed, and each
+        epoch's metrics gain dynamic_2to4_changed: the fraction of 2:4 groups
+        whose kept pair changed in that epoch's re-prunes).
     overwrite: allow a fresh run (resume=False) into an out_dir that already
         holds a checkpoint; otherwise that is a ValueError.
 
@@ -959,7 +969,7 @@ def train(
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     if extra_state is not None and not isinstance(extra_state, dict):
         raise TypeError(f"extra_state must be a dict or None, got {type(extra_state).__name__}")
-    for name, fn in (("on_epoch_end", on_epoch_end), ("token_hook", token_hook), ("eval_token_hook", eval_token_hook)):
+    for name, fn in (("on_epoch_end", on_epoch_end), ("token_hook", token_hook), ("eval_token_hook", eval_token_hook), ("on_step_end", on_step_end)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     out_dir = pathlib.Path(out_dir)
@@ -1046,6 +1056,15 @@ def train(
         fused=device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in model.parameters()),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    dynamic = None
+    if config.dynamic_2to4_every:
+        from .dynamic_2to4 import Dynamic2to4
+
+        # Before DDP / torch.compile wrap the model: their graphs must see the hooks.
+        dynamic = Dynamic2to4(
+            model, config.dynamic_2to4_every, pruned_lr_scale=config.dynamic_2to4_lr_scale,
+            grad_scaler=scaler if scaler.is_enabled() else None,
+        )
 
     forward: nn.Module = _HookedForward(model, token_hook, loader.padding) if token_hook is not None else model
     with_draws = _needs_draws(token_hook)
@@ -1082,6 +1101,8 @@ def train(
         _set_rng_state(saved["rng"])
         if extra is None:
             extra = saved.get("extra")
+        if dynamic is not None and saved.get("dynamic_2to4") is not None:
+            dynamic.load_state_dict(saved["dynamic_2to4"])
         if saved.get("world_size", 1) != info.world_size:
             warnings.warn(
                 f"resuming a run saved with world_size={saved.get('world_size')} on world_size={info.world_size}: "
@@ -1120,6 +1141,7 @@ def train(
             "history": history,
             "best": best,
             "world_size": info.world_size,
+            "dynamic_2to4": dynamic.state_dict() if dynamic is not None else None,
             "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
         }
 
@@ -1141,6 +1163,7 @@ def train(
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = 0
+            changed_groups = reprune_groups = 0
             lr = optimizer.param_groups[0]["lr"]
             batches = loader.iter_with_draws()
             batch_bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show, dynamic_ncols=True)
@@ -1172,6 +1195,13 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
+                if dynamic is not None:
+                    result = dynamic(step, model, optimizer)
+                    if result.repruned:
+                        changed_groups += result.changed_groups
+                        reprune_groups += result.total_groups
+                if on_step_end is not None:
+                    on_step_end(step, model, optimizer)
                 # Accumulated on the device: no host sync per step.
                 loss_sum += loss.detach().double() * y.numel()
                 correct += (logits.detach().argmax(1) == y).sum()
@@ -1208,6 +1238,8 @@ def train(
                 epoch_time_s=train_time + eval_time,
                 images_per_s=train_n / train_time if train_time > 0 else float("nan"),
             )
+            if dynamic is not None:
+                metrics["dynamic_2to4_changed"] = changed_groups / reprune_groups if reprune_groups else 0.0
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, model, metrics)
             history.append(metrics)
@@ -1229,5 +1261,7 @@ def train(
     finally:
         epoch_bar.close()
 
+    if dynamic is not None:
+        dynamic.remove()
     model.eval()
     return TrainResult(out_dir=out_dir, history=history, final_checkpoint=last_path, model=model, extra=extra)

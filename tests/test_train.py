@@ -129,6 +129,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
         ({"pretrained": True}, ValueError, "has no pretrained weights"),
         ({"model": ""}, ValueError, "model must not be empty"),
         ({"init_from": 3}, TypeError, "init_from must be a str or None"),
+        ({"dynamic_2to4_every": -1}, ValueError, "dynamic_2to4_every must be >= 0"),
+        ({"dynamic_2to4_lr_scale": -1.0}, ValueError, "dynamic_2to4_lr_scale must be"),
     ],
 )
 def test_config_bad_values(overrides, error, message):
@@ -419,6 +421,39 @@ def test_sparse_model_trains_and_checkpoints(tmp_path):
         train(dataclasses.replace(config, epochs=2), tmp_path, resume=True)
     resumed = train(dataclasses.replace(config, epochs=2), tmp_path, resume=True, model=fresh)
     assert [m["epoch"] for m in resumed.history] == [1, 2]
+
+
+def test_dynamic_2to4_reprunes_during_training_and_resumes_exactly(tmp_path):
+    # Pruned weights start at 0 and learn by plain SGD at lr * scale (AdamW's lr
+    # is small for SGD): a large scale so masks visibly move within 16 steps.
+    config = tiny(epochs=2, dynamic_2to4_every=3, dynamic_2to4_lr_scale=1e5, checkpoint_every=1)
+
+    def sparse_model():
+        torch.manual_seed(0)
+        return lk.sparsify_(build_model(config, 10), "2:4")
+
+    steps = []
+    straight = train(config, tmp_path / "straight", model=sparse_model(), on_step_end=lambda step, m, opt: steps.append(step))
+    assert steps == list(range(1, 17))  # 8 steps an epoch, 2 epochs
+    changed = [m["dynamic_2to4_changed"] for m in straight.history]
+    assert all(0 <= c <= 1 for c in changed) and sum(changed) > 0
+    for layer in (m for m in straight.model.modules() if isinstance(m, lk.SparseLinear)):
+        groups = layer.mask().view(layer.out_features, -1, 4).sum(-1)
+        assert bool((groups == 2).all())  # still exactly 2:4 after re-pruning
+    ckpt = load_checkpoint(straight.final_checkpoint)
+    assert ckpt["dynamic_2to4"]["last_step"] == 16
+
+    run = tmp_path / "interrupted"
+    with pytest.raises(Killed):
+        train(config, run, model=sparse_model(), on_epoch_end=kill_at(2))
+    resumed = train(config, run, resume=True, model=sparse_model())
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    assert without_timing(straight.history) == without_timing(resumed.history)
+
+
+def test_dynamic_2to4_needs_a_2to4_model(tmp_path):
+    with pytest.raises(ValueError, match="no SparseLinear layer with pattern '2:4'"):
+        train(tiny(epochs=1, dynamic_2to4_every=2), tmp_path)
 
 
 def test_init_from_and_token_hook(tmp_path):
