@@ -19,13 +19,23 @@ def test_info_reports_versions_build_and_backends():
     text = run_module("lotus_kernels.info")
     assert f"torch          {torch.__version__}" in text
     assert "extension lotus_kernels._C" in text and "built          yes" in text
-    assert "auto: reference" in text
+    assert "auto: dense" in text
+    assert "auto decisions on this GPU" in text
     data = json.loads(run_module("lotus_kernels.info", "--json"))
     assert data["extension"]["built"] is True
     assert data["compaction_ops"]["cpu"] is None
     if not torch.cuda.is_available():
         assert data["compaction_ops"]["cuda"] is not None  # says why not
     assert set(data["backends"]["cpu"]) == {"unstructured", "2:4", "block"}
+    assert "cusparselt" in data["backends"]["cpu"]["2:4"]
+
+
+def test_info_lists_saved_auto_decisions(monkeypatch):
+    decisions = {"2:4 bfloat16 out 4096 in 1024 values [4096, 512] rows<=16384 among triton,cusparselt,dense": {
+        "choice": "cusparselt", "times_ms": {"triton": 0.41, "cusparselt": 0.30, "dense": 0.38}}}
+    text = info.format_report({**info.collect(), "auto_decisions": decisions, "auto_cache": "/tmp/x.json"})
+    assert "cache: /tmp/x.json" in text
+    assert "rows<=16384 among triton,cusparselt,dense: cusparselt  [cusparselt 0.300 ms, dense 0.380 ms, triton 0.410 ms]" in text
 
 
 def test_info_knows_which_arches_run_where():
