@@ -93,7 +93,7 @@ def provider_fn(provider, x, w, bias, backward):
 
 def auto_choice(n: int, k: int, rows: int, dtype) -> str | None:
     """What "auto" chose for an [n, k] 2:4 layer at this many rows (None if it had one candidate, e.g. on CPU)."""
-    bucket = 1 << (rows - 1).bit_length()
+    bucket = backends.rows_bucket(rows)
     for (spec, _, out_f, in_f, rows_bucket, _), name in backends.auto_choices().items():
         if (spec.pattern, spec.dtype, out_f, in_f, rows_bucket) == ("2:4", dtype, n, k, bucket):
             return name

@@ -129,9 +129,8 @@ def select_for(module, x: torch.Tensor, spec: LayerSpec, timer: Callable | None 
     candidates = _candidates_or_raise(spec)
     if len(candidates) == 1 or x.device.type != "cuda":
         return candidates[0]
-    rows = max(1, math.prod(x.shape[:-1]))
     names = tuple(b.name for b in candidates)
-    key = (spec, tuple(module.values.shape), module.out_features, module.in_features, 1 << (rows - 1).bit_length(), names)
+    key = (spec, tuple(module.values.shape), module.out_features, module.in_features, rows_bucket(math.prod(x.shape[:-1])), names)
     if key in _AUTO_CHOICE:
         return _REGISTRY[_AUTO_CHOICE[key]]
     if torch.compiler.is_compiling():
@@ -146,6 +145,11 @@ def select_for(module, x: torch.Tensor, spec: LayerSpec, timer: Callable | None 
     _AUTO_CHOICE[key] = min(times, key=times.get)
     _save_choice(key, x.device, times)
     return _REGISTRY[_AUTO_CHOICE[key]]
+
+
+def rows_bucket(rows: int) -> int:
+    """Rows of x rounded up to a power of two: the granularity of per-shape decisions (auto, algorithm search)."""
+    return 1 << (max(1, rows) - 1).bit_length()
 
 
 def auto_choices() -> dict[tuple, str]:
@@ -254,7 +258,11 @@ def _time_backend_ms(backend: Backend, module, x: torch.Tensor, repeats: int = 1
 def _reference_forward(module, x: torch.Tensor) -> torch.Tensor:
     # Rebuilding the dense weight each call is the point of the reference: it
     # is the masked-dense semantics every kernel backend is tested against.
-    y = F.linear(x, module.to_dense(), module.bias)
+    return apply_activation(module, F.linear(x, module.to_dense(), module.bias))
+
+
+def apply_activation(module, y: torch.Tensor) -> torch.Tensor:
+    """The layer's epilogue for backends that do not fuse it: exact GELU or nothing."""
     return F.gelu(y) if module.activation == "gelu" else y
 
 
@@ -290,8 +298,7 @@ def _dense_forward(module, x: torch.Tensor) -> torch.Tensor:
         weight = module.to_dense()
     else:
         weight = cached_weight(module, "dense", module.to_dense)
-    y = F.linear(x, weight, module.bias)
-    return F.gelu(y) if module.activation == "gelu" else y
+    return apply_activation(module, F.linear(x, weight, module.bias))
 
 
 register_backend(

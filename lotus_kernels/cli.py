@@ -211,7 +211,7 @@ def _tickets(args) -> int:
     student = prepare_student_(copy.deepcopy(dense), args.keep_ratio, args.mode)
     train_set, eval_sets = build_data(config)
     out = Path(args.out) if args.out else Path("runs") / f"tickets-{args.mode}-{args.keep_ratio}"
-    hooks = ticket_hooks(selector, args.mode, train_set=train_set if args.mode == "fixed" else None)
+    hooks = ticket_hooks(selector, args.mode, train_set=train_set)
     result = _train_on_tickets(config, out, student, hooks, eval_sets["test"], print)
     print(json.dumps({k: result.history[-1].get(k) for k in ("epoch", "test_acc", "test_tickets_acc")}))
     return 0

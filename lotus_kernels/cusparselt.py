@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .backends import Backend, LayerSpec, autocast_operands, cached_weight, register_backend
+from .backends import Backend, LayerSpec, apply_activation, autocast_operands, cached_weight, register_backend, rows_bucket
 
 CUSPARSELT_DTYPES = (torch.float16, torch.bfloat16)
 # torch.sparse.SparseSemiStructuredTensorCUSPARSELT's minimum shapes for fp16/bf16:
@@ -68,16 +68,20 @@ def _search(packed: torch.Tensor, dense_t: torch.Tensor, bias: torch.Tensor | No
 # ------------------------------------------------------------- the op
 
 
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with zero rows appended up to a multiple of ROW_MULTIPLE (the dense operand's minimum)."""
+    pad = -x.shape[0] % ROW_MULTIPLE
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
 @torch.library.custom_op("lotus_kernels::cusparselt_matmul", mutates_args=())
 def _cusparselt_matmul(
     x: torch.Tensor, packed: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, bias: torch.Tensor | None, alg_id: int
 ) -> torch.Tensor:
     # values/metadata are inputs only for the backward (packed is derived from them).
     m = x.shape[0]
-    pad = -m % ROW_MULTIPLE
-    xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-    y = _sparse_mm(packed, xp.t(), bias, alg_id)
-    return y[:m].contiguous() if pad else y
+    y = _sparse_mm(packed, _pad_rows(x).t(), bias, alg_id)
+    return y[:m].contiguous() if y.shape[0] != m else y
 
 
 @_cusparselt_matmul.register_fake
@@ -156,13 +160,10 @@ def packed_weight(module, dtype: torch.dtype | None = None) -> torch.Tensor:
 def _alg_id(packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> int:
     if torch.compiler.is_compiling():
         return 0
-    rows = 1 << (max(1, x.shape[0]) - 1).bit_length()
-    key = (tuple(packed.shape), x.shape[1], x.dtype, x.device, rows, bias is not None)
+    key = (tuple(packed.shape), x.shape[1], x.dtype, x.device, rows_bucket(x.shape[0]), bias is not None)
     if key not in _ALG_IDS:
-        pad = -x.shape[0] % ROW_MULTIPLE
-        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
         try:
-            _ALG_IDS[key] = _search(packed, xp.t(), bias)
+            _ALG_IDS[key] = _search(packed, _pad_rows(x).t(), bias)
         except RuntimeError:
             _ALG_IDS[key] = 0  # the library's default algorithm always runs
     return _ALG_IDS[key]
@@ -176,8 +177,7 @@ def cusparselt_linear(module, x: torch.Tensor) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
         packed = packed_weight(module, x2.dtype)
         y = _cusparselt_matmul(x2, packed, values, module.metadata, bias, _alg_id(packed, x2, bias))
-    y = y.reshape(*lead, module.out_features)
-    return F.gelu(y) if module.activation == "gelu" else y
+    return apply_activation(module, y.reshape(*lead, module.out_features))
 
 
 register_backend(

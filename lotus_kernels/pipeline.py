@@ -65,7 +65,7 @@ from .pruning import (
 )
 from .pruning.masking import global_sparsity, prunable_weights
 from .report import metrics_table
-from .tickets import FixedTickets, TicketSelector, prepare_student_, ticket_hooks
+from .tickets import TicketSelector, prepare_student_, ticket_hooks
 
 PATTERNS = ("unstructured", "2:4", "block")
 
@@ -261,8 +261,7 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
     selector = TicketSelector(dense, config.keep_ratio, config.ticket_layer)
     ft = _stage_config(base, epochs=config.ticket_epochs, lr=base.lr * config.ticket_lr_scale, warmup_epochs=0.0, init_from=None)
     mode = config.ticket_mode
-    fixed = FixedTickets.from_selector(selector, train_set) if mode == "fixed" else None
-    hooks = ticket_hooks(selector, mode, fixed)
+    hooks = ticket_hooks(selector, mode, train_set=train_set)
     student = prepare_student_(copy.deepcopy(dense), config.keep_ratio, mode)
     tickets_run = _train_on_tickets(ft, out / "tickets", student, hooks, test_set, log)
     student = tickets_run.model

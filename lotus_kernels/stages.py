@@ -431,7 +431,7 @@ def finetune_checkpoint(
     selector = None
     if keep_ratio is not None and mode in ("online", "fixed"):
         selector = TicketSelector(engine.model_from_checkpoint(selector_checkpoint), keep_ratio, layer)
-    _, eval_sets = engine.build_data(config)
+    train_set, eval_sets = engine.build_data(config)
     if selector is not None and selector.num_patches != model.patch_embed.num_patches:
         raise ValueError(
             f"the selector has {selector.num_patches} patches per image but the model {model.patch_embed.num_patches}; "
@@ -447,7 +447,7 @@ def finetune_checkpoint(
         log(f"  {out.name}: test_acc {run.history[-1]['test_acc']:.4f}")
     else:
         student = prepare_student_(model, keep_ratio, mode)
-        hooks = ticket_hooks(selector, mode, train_set=engine.build_data(config)[0] if mode == "fixed" else None)
+        hooks = ticket_hooks(selector, mode, train_set=train_set)
         run = _train_on_tickets(config, out, student, hooks, eval_sets["test"], log)
     final = run.model
     after = sparse_masks(final)

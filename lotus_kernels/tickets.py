@@ -250,8 +250,8 @@ def ticket_hooks(selector: TicketSelector | None, mode: str = "online", fixed: F
     train_hook(student, x): the student on x's tickets (online: the selector's
     choice on this very batch; fixed: ``fixed``, the precomputed tickets
     mapped through the batch's augmentation, or, without it, tickets scored
-    now on ``train_set``, the engine's training ImageSet; random: a fresh
-    random subset). all_patches_hook: the student on every patch.
+    now on ``train_set``, the engine's training ImageSet (ignored by the
+    other modes); random: a fresh random subset). all_patches_hook: the student on every patch.
     tickets_hook: on the selector's tickets (random mode: on random ones),
     for evaluation.
     """
