@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+# No wheel cache: torch with its CUDA libraries is ~5.5 GB installed, and a
+# cached copy of the wheels would need ~3 GB more on a machine with little disk.
+PIP := $(PY) -m pip --no-cache-dir
 CMAKE_BUILD ?= build/cmake
 DEPS_STAMP := $(VENV)/.lotus-deps
 EXT_STAMP := $(VENV)/.lotus-ext
