@@ -2,7 +2,7 @@
 
     lotus train  [--config FILE.yaml|.json] [--data synthetic|cifar10] [--preset micro|tiny|small | --model TIMM]
                  [--epochs N] [--batch-size N] [--pretrained] [--init-from FILE] [--set key=value ...]
-                 [--out DIR] [--resume | --overwrite]
+                 [--out DIR] [--resume | --overwrite] [--profile auto|quick|full]
     lotus eval   --checkpoint FILE [--split test|train|val] [--set key=value ...]
     lotus report RUN_DIR
     lotus info   [--json]
@@ -109,6 +109,34 @@ def flag_fields(args) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+PROFILES = ("auto", "quick", "full")
+
+
+def apply_profile(profile: str, fields: dict) -> dict:
+    """``fields`` completed by the training profile: "quick" fills every field the user did not
+    give from ``train.quick_recipe()`` (about a minute on a CPU); "full" leaves
+    TrainConfig's defaults (sized for a GPU); "auto" is "quick" for the
+    synthetic set on a CPU and "full" otherwise. Prints what it filled."""
+    import torch
+
+    from .train import TrainConfig, quick_recipe
+
+    if profile not in PROFILES:
+        raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
+    if profile == "auto":
+        dataset = fields.get("dataset", TrainConfig.dataset)
+        device = str(fields.get("device", TrainConfig.device))
+        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        profile = "quick" if dataset == "synthetic" and on_cpu else "full"
+    if profile == "full":
+        return fields
+    filled = {k: v for k, v in quick_recipe().items() if k not in fields}
+    if filled:
+        shown = ", ".join(f"{k}={v}" for k, v in filled.items())
+        print(f"lotus train: quick profile (about a minute on a CPU): {shown}; --profile full for the standard recipe", file=sys.stderr)
+    return {**fields, **filled}
+
+
 def default_run_dir(config) -> Path:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.model}-{config.dataset}-{stamp}"
@@ -128,6 +156,7 @@ def _train(args) -> int:
         fields = {**json.loads(saved.read_text()), **(load_config_file(args.config) if args.config else {}), **flag_fields(args), **overrides}
     else:
         fields = {**(load_config_file(args.config) if args.config else {}), **flag_fields(args), **overrides}
+        fields = apply_profile(args.profile, fields)
     config = TrainConfig.from_dict(fields)
     out = Path(args.out) if args.out else default_run_dir(config)
     result = train(config, out, resume=args.resume, overwrite=args.overwrite)
@@ -288,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default runs/<model>-<dataset>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
+    train.add_argument(
+        "--profile", choices=PROFILES, default="auto",
+        help="quick: a one-minute CPU recipe for the fields not given; full: the standard (GPU-sized) defaults; "
+        "auto (default): quick for the synthetic set on a CPU, else full",
+    )
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint")

@@ -151,3 +151,37 @@ def test_prune_and_finetune_are_commands(capsys):
     assert (args.method, args.sparsity, args.pattern, args.es_sparsities) == ("instant-soup", 0.5, "unstructured", None)
     args = cli.build_parser().parse_args(["finetune", "--checkpoint", "p.pt", "--out", "o"])
     assert (args.epochs, args.lr, args.keep_ratio, args.selector, args.mode) == (5, None, None, None, "online")
+
+
+def test_train_profile_quick_fills_only_what_the_user_left_out(monkeypatch, capsys):
+    from lotus_kernels.train import TrainConfig, quick_recipe
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    given = {"dataset": "synthetic", "epochs": 2, "lr": 1e-3}
+    fields = cli.apply_profile("auto", dict(given))
+    assert fields == {**quick_recipe(), **given}  # the user's values win
+    assert "quick profile" in capsys.readouterr().err
+    TrainConfig.from_dict(fields)
+
+    # auto is full (TrainConfig's defaults untouched) for CIFAR-10, for a CUDA device, and when asked.
+    assert cli.apply_profile("auto", {"dataset": "cifar10"}) == {"dataset": "cifar10"}
+    assert cli.apply_profile("auto", {"device": "cuda"}) == {"device": "cuda"}
+    assert cli.apply_profile("full", {}) == {}
+    assert cli.apply_profile("quick", {"dataset": "cifar10"})["batch_size"] == quick_recipe()["batch_size"]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert cli.apply_profile("auto", {}) == {}
+    with pytest.raises(ValueError, match="--profile must be one of"):
+        cli.apply_profile("fast", {})
+
+
+def test_train_profile_is_recorded_in_the_run_and_not_reapplied_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps({**MICRO, "device": "cpu"}))
+    assert cli.main(["train", "--config", str(config), "--profile", "quick", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["augment"] is False and saved["synthetic_train"] == MICRO["synthetic_train"]
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--set", "epochs=2"]) == 0
+    assert "quick profile" not in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["augment"] is False
