@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -20,18 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 
-def _environment() -> dict:
-    import torch
-
-    from lotus_kernels.info import collect
-
-    info = collect()
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
-    else:
-        device = f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-    return {"device": device, "versions": info["versions"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+from lotus_kernels.info import environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     accs = [r["final_test_acc"] for r in runs if r["final_test_acc"] is not None]
     record = {
         "what": args.what,
-        **_environment(),
+        **environment("cuda" if torch.cuda.is_available() else "cpu"),
         "command": "lotus train " + shlex.join(train_args) + "  (per seed: --set seed=N --set progress=false)",
         "recorded_by": "python bench/record_train.py " + shlex.join(argv),
         "note": "wall_s: the whole command (interpreter start, data, training, evaluation, checkpoints)",

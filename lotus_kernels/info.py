@@ -102,6 +102,21 @@ def collect() -> dict:
     }
 
 
+def environment(device: torch.device | str) -> dict:
+    """{"date", "device", "versions"}: what a recorded result names about where it was measured.
+
+    device: the CUDA device's name for a CUDA device, else "CPU (N threads)".
+    """
+    import time
+
+    device = torch.device(device)
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        "versions": collect()["versions"],
+    }
+
+
 def format_report(info: dict) -> str:
     lines = ["lotus_kernels info", ""]
     lines += [f"  {name:<14} {value if value is not None else 'not installed'}" for name, value in info["versions"].items()]

@@ -233,16 +233,11 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
     test_set = eval_sets["test"]
     val_set = eval_sets.get("val", test_set)
     num_classes = len(train_set.classes)
-    from .info import collect
+    from .info import environment
 
-    info = collect()
     summary: dict = {
         "dataset": base.dataset, "model": base.model, "keep_ratio": config.keep_ratio, "rows": [],
-        "environment": {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "device": info["cuda_devices"][0]["name"] if info["cuda_devices"] and base.device != "cpu" else f"CPU ({torch.get_num_threads()} threads)",
-            "versions": info["versions"],
-        },
+        "environment": environment(engine._resolve_device(base.device, None)),
         "config": config.to_dict(),
     }
 

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from . import train as engine
+from .info import environment
 from .masks import PATTERNS, block_shape, check_sparsity
 from .nn import SparseLinear, _check_layout, sparsity_summary
 from .pruning import (
@@ -115,16 +116,6 @@ def _counts(model: nn.Module) -> dict:
     total = sum(m.numel() for m in masks.values())
     pruned = total - sum(int(m.sum()) for m in masks.values())
     return {"pruned": pruned, "prunable": total, "sparsity": pruned / total if total else 0.0, "sparse_layers": len(masks)}
-
-
-def _environment(device: torch.device) -> dict:
-    from .info import collect
-
-    return {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-        "versions": collect()["versions"],
-    }
 
 
 def _eval_split(eval_sets: dict) -> str:
@@ -327,7 +318,7 @@ def prune_checkpoint(
     summary = sparsity_summary(model)
     result.update(
         mask_sparsity=mask_sparsity, **counts, dense_bytes=summary.dense_bytes, compact_bytes=summary.compact_bytes,
-        checkpoint=PRUNED_NAME, plots=plots, arguments=arguments, environment=_environment(device),
+        checkpoint=PRUNED_NAME, plots=plots, arguments=arguments, environment=environment(device),
         elapsed_s=time.perf_counter() - start,
     )
     extra = {"pruning": {k: result[k] for k in ("method", "pattern", "mask_sparsity", "sparsity", "pruned", "prunable", "eval_split", "accuracy")}}
@@ -468,7 +459,7 @@ def finetune_checkpoint(
         **counts,
         "source": str(checkpoint),
         "arguments": arguments,
-        "environment": _environment(device),
+        "environment": environment(device),
         "elapsed_s": time.perf_counter() - start,
     }
     (out / "finetune.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
