@@ -8,6 +8,7 @@
     lotus info   [--json]
     lotus bench-report FILE.json ... [--out DIR] | --compare [OLD.json] NEW.json [--threshold 0.10]
     lotus pipeline [--config FILE] [--data ...] [--preset ...] [--epochs N] [--set key=value ...] [--demo] [--out DIR]
+    lotus ablate  (--from PIPELINE_RUN | --config FILE | --demo) [--variants NAME ...] [--set key=value ...] [--out DIR]
     lotus tickets --checkpoint DENSE.pt [--keep-ratio 0.5] [--mode online|fixed|random] [--epochs N] [--out DIR]
     lotus prune   --checkpoint DENSE.pt --out DIR [--method instant-soup|one-shot|essential] [--sparsity 0.5]
                   [--pattern unstructured|2:4|block] [--block-size 32] [--max-drop 0.01] [--ingredients 5]
@@ -33,7 +34,7 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "report", "info", "bench-report", "pipeline", "tickets", "prune", "finetune", "export")
+COMMANDS = ("train", "eval", "report", "info", "bench-report", "pipeline", "ablate", "tickets", "prune", "finetune", "export")
 
 # `lotus pipeline --demo`: the whole method on the embedded synthetic set in a few minutes on a CPU.
 DEMO_PIPELINE = {
@@ -202,10 +203,10 @@ def _bench_report(args) -> int:
     return run(args.files, out=args.out, compare=args.compare, threshold=args.threshold, baseline_dir=args.baseline_dir)
 
 
-def _pipeline(args) -> int:
-    from .pipeline import PipelineConfig, run_pipeline
-
-    fields = json.loads(json.dumps(DEMO_PIPELINE)) if args.demo else {"train": {}}
+def _pipeline_fields(args, base: dict | None = None) -> dict:
+    """PipelineConfig fields: ``base`` (default: the demo's with --demo, else none), then --config, the train flags, --set."""
+    fields = json.loads(json.dumps(DEMO_PIPELINE if args.demo else (base or {"train": {}})))
+    fields.setdefault("train", {})
     if args.config:
         loaded = load_config_file(args.config)
         fields.update({k: v for k, v in loaded.items() if k != "train"})
@@ -216,11 +217,40 @@ def _pipeline(args) -> int:
             fields["train"][key[len("train."):]] = value
         else:
             fields[key] = value
-    config = PipelineConfig.from_dict(fields)  # every check runs here, before any training
+    return fields
+
+
+def _pipeline(args) -> int:
+    from .pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig.from_dict(_pipeline_fields(args))  # every check runs here, before any training
     out = Path(args.out) if args.out else Path("runs") / f"pipeline-{config.train_config.model}-{config.train_config.dataset}"
     summary = run_pipeline(config, out)
     print((out / "report.md").read_text() if args.print_report else json.dumps(summary["rows"], indent=2))
     return 0
+
+
+def _ablate(args) -> int:
+    from .ablation import check_variants, run_ablation
+    from .pipeline import PipelineConfig
+
+    variants = check_variants(args.variants)
+    if args.from_run:
+        if args.demo:
+            raise ValueError("--from reuses a pipeline run's settings; --demo cannot be combined with it")
+        saved = Path(args.from_run) / "pipeline_config.json"
+        if not saved.is_file():
+            raise ValueError(f"--from {args.from_run!r} is not a `lotus pipeline` run folder: {saved} does not exist")
+        base = json.loads(saved.read_text())
+    elif not (args.config or args.demo):
+        raise ValueError("give --from PIPELINE_RUN (reuse its dense and ticket models), --config FILE or --demo")
+    else:
+        base = None
+    config = PipelineConfig.from_dict(_pipeline_fields(args, base))
+    out = Path(args.out) if args.out else Path("runs") / f"ablation-{config.train_config.model}-{config.train_config.dataset}"
+    summary = run_ablation(config, out, from_run=args.from_run, variants=variants)
+    print((out / "report.md").read_text())
+    return 0 if summary["rows"] else 1
 
 
 def _tickets(args) -> int:
@@ -358,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--print-report", action="store_true", help="print report.md at the end")
     pipeline.add_argument("--out", help="output folder (default runs/pipeline-<model>-<dataset>)")
     pipeline.set_defaults(func=_pipeline)
+
+    ablate = commands.add_parser(
+        "ablate", help="tickets x pruning combined in several ways (order, pruner, selector, recovery): where a collapse comes from",
+    )
+    _add_train_flags(ablate)
+    ablate.add_argument("--from", dest="from_run", metavar="RUN", help="a `lotus pipeline` run folder: reuse its dense and ticket models and settings")
+    ablate.add_argument("--demo", action="store_true", help="start from the pipeline demo settings (synthetic data)")
+    ablate.add_argument("--variants", nargs="+", metavar="NAME", help="which variants (default all; see lotus_kernels.ablation.VARIANTS)")
+    ablate.add_argument("--out", help="output folder (default runs/ablation-<model>-<dataset>)")
+    ablate.set_defaults(func=_ablate)
 
     tickets = commands.add_parser("tickets", help="fine-tune a dense checkpoint on its data lottery tickets (or random patches)")
     tickets.add_argument("--checkpoint", required=True, help="the dense model (also the selector)")

@@ -174,6 +174,56 @@ def _train_on_tickets(config, out_dir, student, hooks, test_set, log) -> engine.
     return result
 
 
+def ticket_stage_config(config: PipelineConfig) -> engine.TrainConfig:
+    """The recipe of every training run on tickets: the dense recipe with ticket_epochs, lr * ticket_lr_scale, no warmup."""
+    base = config.train_config
+    return _stage_config(base, epochs=config.ticket_epochs, lr=base.lr * config.ticket_lr_scale, warmup_epochs=0.0, init_from=None)
+
+
+def train_selector_and_students(config: PipelineConfig, out: Path, train_set, test_set, log=print):
+    """Stages 1-2: the dense model (out/dense), the ticket student (out/tickets) and, if
+    ``config.random_control``, the random-patch control (out/random).
+
+    Returns (dense_run, selector, hooks, tickets_run, random_run or None); hooks
+    are ``ticket_hooks(selector, config.ticket_mode)``.
+    """
+    base = config.train_config
+    log("[1/6] dense model")
+    dense_run = engine.train(base, out / "dense", overwrite=True)
+    log("[2/6] fine-tuning on data lottery tickets")
+    selector = TicketSelector(dense_run.model, config.keep_ratio, config.ticket_layer)
+    ft = ticket_stage_config(config)
+    hooks = ticket_hooks(selector, config.ticket_mode, train_set=train_set)
+    student = prepare_student_(copy.deepcopy(dense_run.model), config.keep_ratio, config.ticket_mode)
+    tickets_run = _train_on_tickets(ft, out / "tickets", student, hooks, test_set, log)
+    random_run = None
+    if config.random_control:
+        control = prepare_student_(copy.deepcopy(dense_run.model), config.keep_ratio, "random")
+        random_run = _train_on_tickets(ft, out / "random", control, ticket_hooks(None, "random"), test_set, log)
+    return dense_run, selector, hooks, tickets_run, random_run
+
+
+def instant_soup_stage(model: nn.Module, config: PipelineConfig, train_set, eval_data, knee: float, token_hook=None):
+    """Instant Soup Pruning of ``model`` (in place) to ``config.target_sparsity``, starting from the
+    one-shot mask at the Essential Sparsity ``knee`` when that is below the target.
+
+    eval_data: ImageSet or callable(model) -> accuracy (ISP's per-round
+    evaluation). token_hook: how ingredients run a batch (default: all patches).
+    """
+    base = config.train_config
+    initial = one_shot_masks(model, knee) if 0 < knee < config.target_sparsity else None
+    isp_train = make_train_fn(
+        epochs=config.isp_ingredient_epochs, batch_size=min(base.batch_size, 128), lr=config.isp_lr, amp=base.amp, seed=base.seed,
+        token_hook=token_hook,
+    )
+    return instant_soup_prune(
+        model, train_set,
+        {"target_sparsity": config.target_sparsity, "num_ingredients": config.isp_ingredients, "subset_fraction": config.isp_subset_fraction,
+         "prune_step": config.isp_prune_step, "vote_threshold": config.isp_vote_threshold, "finetune": False, "seed": base.seed},
+        train_fn=isp_train, eval_data=eval_data, initial_masks=initial,
+    )
+
+
 def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, hook=None) -> float:
     """Median seconds of one forward (no grad, eval), device-synchronised, one warm-up call first."""
     model.eval()
@@ -244,27 +294,14 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
     def row(name, model_acc: dict, sparsity: float, note: str = ""):
         summary["rows"].append({"stage": name, "sparsity": sparsity, **model_acc, "note": note})
 
-    # 1. dense selector
-    log("[1/6] dense model")
-    dense_run = engine.train(base, out / "dense", overwrite=True)
-    dense = dense_run.model
-    dense_acc = dense_run.history[-1]["test_acc"]
-    row("dense", {"acc_all_patches": dense_acc}, 0.0)
-
-    # 2. tickets (online or fixed) and the random control
-    log("[2/6] fine-tuning on data lottery tickets")
-    selector = TicketSelector(dense, config.keep_ratio, config.ticket_layer)
-    ft = _stage_config(base, epochs=config.ticket_epochs, lr=base.lr * config.ticket_lr_scale, warmup_epochs=0.0, init_from=None)
-    mode = config.ticket_mode
-    hooks = ticket_hooks(selector, mode, train_set=train_set)
-    student = prepare_student_(copy.deepcopy(dense), config.keep_ratio, mode)
-    tickets_run = _train_on_tickets(ft, out / "tickets", student, hooks, test_set, log)
-    student = tickets_run.model
+    # 1-2. dense selector, tickets (online or fixed) and the random control
+    dense_run, selector, hooks, tickets_run, random_run = train_selector_and_students(config, out, train_set, test_set, log)
+    dense, student, mode = dense_run.model, tickets_run.model, config.ticket_mode
+    ft = ticket_stage_config(config)
+    row("dense", {"acc_all_patches": dense_run.history[-1]["test_acc"]}, 0.0)
     row("tickets", {"acc_all_patches": tickets_run.history[-1]["test_acc"], "acc_tickets": tickets_run.history[-1]["test_tickets_acc"]}, 0.0)
     histories = {"dense": dense_run.history, "tickets": tickets_run.history}
-    if config.random_control:
-        control = prepare_student_(copy.deepcopy(dense), config.keep_ratio, "random")
-        random_run = _train_on_tickets(ft, out / "random", control, ticket_hooks(None, "random"), test_set, log)
+    if random_run is not None:
         histories["random patches"] = random_run.history
         row("random patches (control)", {"acc_all_patches": random_run.history[-1]["test_acc"], "acc_tickets": random_run.history[-1]["test_tickets_acc"]}, 0.0, "random subset of the same size")
 
@@ -278,14 +315,7 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
     # 4. Instant Soup Pruning of the ticket student (all patches) to the target
     log(f"[4/6] Instant Soup Pruning to {config.target_sparsity:.0%}")
     pruned = disable_patch_dropping_(copy.deepcopy(student))
-    initial = one_shot_masks(pruned, es.knee) if 0 < es.knee < config.target_sparsity else None
-    isp_train = make_train_fn(epochs=config.isp_ingredient_epochs, batch_size=min(base.batch_size, 128), lr=config.isp_lr, amp=base.amp, seed=base.seed)
-    isp = instant_soup_prune(
-        pruned, train_set,
-        {"target_sparsity": config.target_sparsity, "num_ingredients": config.isp_ingredients, "subset_fraction": config.isp_subset_fraction,
-         "prune_step": config.isp_prune_step, "vote_threshold": config.isp_vote_threshold, "finetune": False, "seed": base.seed},
-        train_fn=isp_train, eval_data=val_set, initial_masks=initial,
-    )
+    isp = instant_soup_stage(pruned, config, train_set, val_set, es.knee)
     isp.save_json(out / "instant_soup.json")
     plot_instant_soup(isp, out / "instant_soup.png", f"Instant Soup Pruning to {config.target_sparsity:.0%}")
     release_masks_(pruned)

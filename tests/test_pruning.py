@@ -424,6 +424,21 @@ def test_default_train_fn_trains_with_masks_fixed():
         assert not torch.equal(w[masks[name]], before[name][masks[name]]), name
 
 
+
+def test_train_fn_runs_every_forward_through_its_token_hook():
+    # A ticket student's ingredients must train on its tickets: the hook replaces model(x), batch by batch.
+    model = micro_vit()
+    seen = []
+
+    def hook(m, x):
+        seen.append(x.shape[0])
+        return m(x)
+
+    make_train_fn(epochs=2, batch_size=16, lr=1e-3, token_hook=hook)(model, random_images(40), {})
+    assert seen == [16, 16, 8] * 2
+    with pytest.raises(TypeError, match="token_hook must be callable"):
+        make_train_fn(token_hook="tickets")
+
 # ---------------------------------------------------------------------------
 # projection to kernel patterns
 # ---------------------------------------------------------------------------

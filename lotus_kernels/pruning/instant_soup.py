@@ -341,6 +341,7 @@ def make_train_fn(
     augment: bool = True,
     amp: str = "auto",
     seed: int = 0,
+    token_hook: Callable | None = None,
 ) -> TrainFn:
     """A ``train_fn(model, subset, masks)`` built on the training engine's pieces.
 
@@ -351,6 +352,11 @@ def make_train_fn(
     ``DeviceLoader`` batches (crop + flip if ``augment``) on the model's
     device. Defaults are the reference's ISP settings (AdamW lr 1e-5, wd 0.1,
     batch 128). Returns the model in eval mode.
+
+    token_hook(model, x) -> logits, if given, runs each forward instead of
+    ``model(x)``: e.g. a ticket student on its tickets
+    (``tickets.ticket_hooks``), so the ingredients learn, and then prune, on
+    the patches the model will see.
 
     ``lotus_kernels.train.train`` itself builds its data from its config and
     cannot take a subset, hence this small loop.
@@ -374,6 +380,9 @@ def make_train_fn(
         raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
     if not isinstance(augment, bool):
         raise TypeError(f"augment must be a bool, got {type(augment).__name__} {augment!r}")
+    if token_hook is not None and not callable(token_hook):
+        raise TypeError(f"token_hook must be callable(model, x) -> logits, got {type(token_hook).__name__}")
+    forward = token_hook or (lambda model, x: model(x))
 
     def train_fn(model: nn.Module, subset: ImageSet, masks: Mapping[str, torch.Tensor]) -> None:
         device = _model_device(model)
@@ -391,7 +400,7 @@ def make_train_fn(
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at_step(step, lr=lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total)
                 with _autocast(device, amp_dtype):
-                    logits = model(x)
+                    logits = forward(model, x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
