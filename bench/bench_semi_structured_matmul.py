@@ -91,11 +91,12 @@ def provider_fn(provider, x, w, bias, backward):
     return lambda: forward(x_grad).backward(grad)
 
 
-def auto_choice(n: int, k: int, rows: int, dtype) -> str | None:
-    """What "auto" chose for an [n, k] 2:4 layer at this many rows (None if it had one candidate, e.g. on CPU)."""
+def auto_choice(n: int, k: int, rows: int, dtype, mode: str = "fwd") -> str | None:
+    """What "auto" chose for an [n, k] 2:4 layer at this many rows, for inference ("fwd") or
+    training ("fwd+bwd"); None if it had one candidate (e.g. on CPU)."""
     bucket = backends.rows_bucket(rows)
-    for (spec, _, out_f, in_f, rows_bucket, _), name in backends.auto_choices().items():
-        if (spec.pattern, spec.dtype, out_f, in_f, rows_bucket) == ("2:4", dtype, n, k, bucket):
+    for (spec, _, out_f, in_f, rows_bucket, _, decided_for), name in backends.auto_choices().items():
+        if (spec.pattern, spec.dtype, out_f, in_f, rows_bucket, decided_for) == ("2:4", dtype, n, k, bucket, mode):
             return name
     return None
 
@@ -111,7 +112,7 @@ def bench_semi_structured_matmul(record_vs_dense, bench_device, model, layer, ba
     bias = torch.zeros(n, device=bench_device, dtype=dtype)
     backward = mode == "forward_backward"
     fn = warmed_up(provider, mode, lambda: provider_fn(provider, x, w, bias, backward))
-    choice = auto_choice(n, k, x.shape[0], dtype) if provider == "auto" else None
+    choice = auto_choice(n, k, x.shape[0], dtype, "fwd+bwd" if backward else "fwd") if provider == "auto" else None
     record_vs_dense(
         fn,
         lambda: provider_fn("dense", x, w, bias, backward),

@@ -14,14 +14,19 @@ change when they do.
 registration order:
 - one candidate: it runs;
 - several, on CUDA: each is timed once per (spec, weight shape, nnz, rows of
-  x rounded up to a power of two) and the fastest is kept; "dense" stays in
+  x rounded up to a power of two, inference or training) and the fastest is
+  kept; in training (grad enabled, values requiring grad) the time is forward
+  plus backward, since a kernel can win the forward and lose the whole
+  step; "dense" stays in
   the race, so a kernel backend is used only where it measured faster than
   the dense matmul of the same weights. Decisions are also written to
   ``<LOTUS_CACHE_DIR or ~/.cache/lotus_kernels>/auto_choices.json`` per GPU
   model and library versions, so a later process reuses them without timing
   again (``LOTUS_AUTO_CACHE=0`` turns the file off) and ``python -m
   lotus_kernels.info`` lists them. No timing happens inside a torch.compile
-  trace: there the cached choice, or the first candidate, runs.
+  trace: there this process's decision for the key runs, or else "dense"
+  (never a blind guess at a kernel); run one eager forward (or training
+  step) before compiling to let "auto" measure.
 """
 
 from __future__ import annotations
@@ -130,17 +135,20 @@ def select_for(module, x: torch.Tensor, spec: LayerSpec, timer: Callable | None 
     if len(candidates) == 1 or x.device.type != "cuda":
         return candidates[0]
     names = tuple(b.name for b in candidates)
-    key = (spec, tuple(module.values.shape), module.out_features, module.in_features, rows_bucket(math.prod(x.shape[:-1])), names)
+    training = torch.is_grad_enabled() and module.values.requires_grad
+    rows = rows_bucket(math.prod(x.shape[:-1]))
+    key = (spec, tuple(module.values.shape), module.out_features, module.in_features, rows, names, "fwd+bwd" if training else "fwd")
     if key in _AUTO_CHOICE:
         return _REGISTRY[_AUTO_CHOICE[key]]
     if torch.compiler.is_compiling():
-        return candidates[0]
+        # No timing (nor file reading) inside a trace: the safe choice, never slower than nn.Linear.
+        return _REGISTRY["dense"] if "dense" in names else candidates[0]
     saved = _saved_choice(key, x.device)
     if saved is not None:
         _AUTO_CHOICE[key] = saved
         return _REGISTRY[saved]
     timer = timer or _time_backend_ms
-    with torch.no_grad():
+    with torch.enable_grad() if training else torch.no_grad():
         times = {b.name: timer(b, module, x) for b in candidates}
     _AUTO_CHOICE[key] = min(times, key=times.get)
     _save_choice(key, x.device, times)
@@ -184,11 +192,11 @@ def _device_key(device: torch.device) -> str:
 
 
 def _decision_key(key: tuple) -> str:
-    spec, values_shape, out_f, in_f, rows, names = key
+    spec, values_shape, out_f, in_f, rows, names, mode = key
     block = "" if spec.block_size is None else f" block {spec.block_size[0]}x{spec.block_size[1]}"
     return (
         f"{spec.pattern}{block} {str(spec.dtype).removeprefix('torch.')} out {out_f} in {in_f} "
-        f"values {list(values_shape)} rows<={rows} among {','.join(names)}"
+        f"values {list(values_shape)} rows<={rows} {mode} among {','.join(names)}"
     )
 
 
@@ -239,10 +247,17 @@ def saved_auto_choices(device: torch.device | str | None = None) -> dict[str, di
 
 
 def _time_backend_ms(backend: Backend, module, x: torch.Tensor, repeats: int = 10) -> float:
-    """Median time of backend.forward(module, x) on the current CUDA stream, after one warm-up call."""
+    """Median time of backend.forward(module, x) on the current CUDA stream, after one warm-up call;
+    with grad enabled, of forward plus backward (gradients returned and dropped, never
+    accumulated into .grad: timing must not change training)."""
+    training = torch.is_grad_enabled()
+    x = x.detach().requires_grad_(training and x.requires_grad)  # the caller's graph stays untouched
+    inputs = [t for t in (module.values, module.bias, x) if t is not None and t.requires_grad] if training else []
 
     def fn():
-        return backend.forward(module, x)
+        y = backend.forward(module, x)
+        if inputs:
+            torch.autograd.grad(y, inputs, torch.ones_like(y))
 
     fn()
     start = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]

@@ -24,7 +24,7 @@ out_features and in_features multiples of 16. Rows of x are padded to a
 multiple of 8 (the dense operand's minimum) and the padding sliced off.
 
 Training: y = x W^T + b as a custom op with autograd; dx = dy @ W with the
-decompressed dense weight (cuBLAS), dW dense (cuBLAS) then only the kept
+decompressed dense weight (pure torch scatter, no host sync; cuBLAS), dW dense (cuBLAS) then only the kept
 slots, as the Triton path; the exact GELU epilogue runs as a separate op.
 """
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .mask_compaction import decompress_2to4_ref
 from .backends import Backend, LayerSpec, apply_activation, autocast_operands, cached_weight, register_backend, rows_bucket
 
 CUSPARSELT_DTYPES = (torch.float16, torch.bfloat16)
@@ -68,6 +69,16 @@ def _search(packed: torch.Tensor, dense_t: torch.Tensor, bias: torch.Tensor | No
 # ------------------------------------------------------------- the op
 
 
+def _dense_weight(values: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+    """The dense [N, K] weight of (values, metadata), without validating the metadata again.
+
+    SparseLinear checked it when the layout was made or loaded; the
+    extension's validating decompress reads a flag back to the host, which
+    would cost a sync per layer per training step and break CUDA-graph capture.
+    """
+    return decompress_2to4_ref(values, metadata, validate=False)
+
+
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] with zero rows appended up to a multiple of ROW_MULTIPLE (the dense operand's minimum)."""
     pad = -x.shape[0] % ROW_MULTIPLE
@@ -80,7 +91,15 @@ def _cusparselt_matmul(
 ) -> torch.Tensor:
     # values/metadata are inputs only for the backward (packed is derived from them).
     m = x.shape[0]
-    y = _sparse_mm(packed, _pad_rows(x).t(), bias, alg_id)
+    x_t = _pad_rows(x).t()
+    try:
+        y = _sparse_mm(packed, x_t, bias, alg_id)
+    except RuntimeError:
+        # The searched algorithm is shared by every M of a power-of-two bucket; should
+        # one M refuse it, the library's default algorithm (0) runs every shape.
+        if alg_id == 0:
+            raise
+        y = _sparse_mm(packed, x_t, bias, 0)
     return y[:m].contiguous() if y.shape[0] != m else y
 
 
@@ -99,7 +118,7 @@ def _backward(ctx, grad):
     x, values, metadata = ctx.saved_tensors
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad @ ops.decompress_2to4(values, metadata)
+        grad_x = grad @ _dense_weight(values, metadata)
     if ctx.needs_input_grad[2]:
         grad_values = ops.semi_structured_values_grad(grad, x, metadata)
     if ctx.has_bias and ctx.needs_input_grad[4]:
@@ -150,7 +169,7 @@ def packed_weight(module, dtype: torch.dtype | None = None) -> torch.Tensor:
     dtype = dtype or module.values.dtype
 
     def pack():
-        return _compress(ops.decompress_2to4(module.values.detach().to(dtype), module.metadata))
+        return _compress(_dense_weight(module.values.detach().to(dtype), module.metadata))
 
     if torch.compiler.is_compiling():
         return pack()

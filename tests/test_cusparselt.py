@@ -174,3 +174,34 @@ def test_cuda_compiles_without_graph_breaks():
     x = torch.randn(16, 64, device="cuda", dtype=torch.float16)
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), F.linear(x, layer.to_dense(), layer.bias), rtol=5e-3, atol=5e-3)
+
+
+def test_backward_and_packing_never_sync_with_the_host(fake, monkeypatch):
+    # The extension's validating decompress reads a flag back to the host; the training step must not call it.
+    def synchronising_decompress(*args, **kwargs):
+        raise AssertionError("ops.decompress_2to4 called on the training path")
+
+    monkeypatch.setattr(cusparselt.ops, "decompress_2to4", synchronising_decompress)
+    ours, ref = layer_pair(64, 32)
+    x = torch.randn(5, 64, requires_grad=True)
+    y = cusparselt.cusparselt_linear(ours, x)
+    y.backward(torch.ones_like(y))
+    ref(x.detach()).sum().backward()
+    torch.testing.assert_close(ours.values.grad, ref.values.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_searched_algorithm_an_other_row_count_refuses_falls_back_to_the_default(fake, monkeypatch):
+    used = []
+
+    def picky_mm(packed, dense_t, bias, alg_id):
+        used.append(alg_id)
+        if alg_id != 0 and dense_t.shape[1] != 32:
+            raise RuntimeError("CUSPARSE_STATUS_INVALID_VALUE")  # what the library says for an unsupported plan
+        return FakeLibrary.sparse_mm(fake, packed, dense_t, bias, alg_id)
+
+    monkeypatch.setattr(cusparselt, "_sparse_mm", picky_mm)
+    ours, ref = layer_pair(64, 32)
+    x32, x20 = torch.randn(32, 64), torch.randn(20, 64)  # one rows bucket (32): one search, one alg_id; 20 pads to 24
+    torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x32), ref(x32), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x20), ref(x20), rtol=1e-5, atol=1e-5)
+    assert fake.searched == 1 and used == [3, 3, 0]
