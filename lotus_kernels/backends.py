@@ -214,7 +214,8 @@ def _saved_choice(key: tuple, device: torch.device) -> str | None:
         return None
     entry = _read_cache(path).get(_device_key(device), {}).get(_decision_key(key))
     choice = entry.get("choice") if isinstance(entry, dict) else None
-    return choice if choice in key[-1] else None
+    names = key[5]  # (spec, values shape, out, in, rows, names, mode)
+    return choice if choice in names else None
 
 
 def _save_choice(key: tuple, device: torch.device, times: dict[str, float]) -> None:

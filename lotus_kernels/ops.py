@@ -37,6 +37,17 @@ def _tensor(t, name: str) -> torch.Tensor:
     return t
 
 
+def _check_on_device_of_x(op: str, x: torch.Tensor, tensors: dict[str, torch.Tensor | None]) -> None:
+    """ValueError naming the first tensor (None skipped) that is not on x's device.
+
+    The kernels take raw pointers: a CPU index tensor handed to a CUDA launch
+    fails far from its cause, or not at all under the interpreter.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; every tensor must be on x's device")
+
+
 def dense_to_bsr(
     weight: torch.Tensor, mask: torch.Tensor, block_size=32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,7 +331,7 @@ def block_sparse_matmul(
     """act(x @ W^T + bias) with W [out_features, K] as the BSR triple (Triton kernels, forward and backward).
 
     x [..., K] (any leading dims and strides; fp16, bf16 or fp32), values
-    [nnz, bh, bw] with bh, bw in {16, 32, 64, 128}, int64 crow/col, bias
+    [nnz, bh, bw] with bh, bw in {16, 32, 64, 128}, int64 (or int32) crow/col, bias
     [out_features] or None, activation "none" | "gelu" -> [..., out_features].
     Gradients flow to x, the stored blocks only, and bias.
     structure: from ``block_sparse_structure``; computed here when not given
@@ -336,12 +347,16 @@ def block_sparse_matmul(
                 f"{x.shape[-1]} holds only {block_cols} blocks of width {values.shape[2]}"
             )
         structure = block_sparse_structure(crow_indices, col_indices, out_features, x.shape[-1], values.shape[1:])
-    elif structure.crow_t.shape != (block_cols + 1,):
-        # The transposed row pointer has one entry per block column of W: it fixes in_features.
-        raise ValueError(
-            f"block_sparse_matmul: x's last dim {x.shape[-1]} does not match the weight's in_features "
-            f"{(structure.crow_t.shape[0] - 1) * values.shape[2]}"
-        )
+    else:
+        if not isinstance(structure, BlockSparseStructure):
+            raise TypeError(f"block_sparse_matmul: structure must be a BlockSparseStructure (from block_sparse_structure), got {type(structure).__name__}")
+        _check_on_device_of_x("block_sparse_matmul", x, {f"structure.{name}": t for name, t in zip(BlockSparseStructure._fields, structure)})
+        if structure.crow_t.shape != (block_cols + 1,):
+            # The transposed row pointer has one entry per block column of W: it fixes in_features.
+            raise ValueError(
+                f"block_sparse_matmul: x's last dim {x.shape[-1]} does not match the weight's in_features "
+                f"{(structure.crow_t.shape[0] - 1) * values.shape[2]}"
+            )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     store_pre = activation == "gelu" and torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
@@ -351,6 +366,7 @@ def block_sparse_matmul(
 
 BLOCK_SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_SPARSE_SIZES = (16, 32, 64, 128)
+BLOCK_SPARSE_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _check_block_sparse_matmul_args(x, values, crow, col, out_features, bias, activation) -> None:
@@ -367,11 +383,13 @@ def _check_block_sparse_matmul_args(x, values, crow, col, out_features, bias, ac
         raise ValueError(f"block_sparse_matmul: x last dim {x.shape[-1] if x.dim() else None} and out_features {out_features} must be multiples of the block ({bh}, {bw})")
     if crow.shape != (out_features // bh + 1,) or col.shape != (values.shape[0],):
         raise ValueError(f"block_sparse_matmul: crow_indices must be [{out_features // bh + 1}] and col_indices [{values.shape[0]}], got {tuple(crow.shape)} and {tuple(col.shape)}")
-    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
-        raise ValueError(f"block_sparse_matmul: bias must be [{out_features}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    devices = {t.device for t in (x, values, crow, col)} | ({bias.device} if bias is not None else set())
-    if len(devices) != 1:
-        raise ValueError(f"block_sparse_matmul: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if crow.dtype not in BLOCK_SPARSE_INDEX_DTYPES or col.dtype not in BLOCK_SPARSE_INDEX_DTYPES:
+        raise TypeError(f"block_sparse_matmul: crow_indices and col_indices must be int32 or int64, got {crow.dtype} and {col.dtype}")
+    if bias is not None:
+        _tensor(bias, "bias")
+        if bias.shape != (out_features,) or bias.dtype != x.dtype:
+            raise ValueError(f"block_sparse_matmul: bias must be [{out_features}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    _check_on_device_of_x("block_sparse_matmul", x, {"values": values, "crow_indices": crow, "col_indices": col, "bias": bias})
 
 
 # ---------------------------------------------------------------------------
@@ -468,11 +486,11 @@ def semi_structured_matmul(
         raise ValueError(f"semi_structured_matmul: x [..., K] with K % 4 == 0 needs values [N, K/2]; got x {tuple(x.shape)}, values {tuple(values.shape)}")
     if metadata.shape != (n, -(-(k // 4) // GROUPS_PER_META_WORD)):
         raise ValueError(f"semi_structured_matmul: metadata must be [{n}, {-(-(k // 4) // GROUPS_PER_META_WORD)}], got {tuple(metadata.shape)}")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
-        raise ValueError(f"semi_structured_matmul: bias must be [{n}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    devices = {t.device for t in (x, values, metadata)} | ({bias.device} if bias is not None else set())
-    if len(devices) != 1:
-        raise ValueError(f"semi_structured_matmul: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if bias is not None:
+        _tensor(bias, "bias")
+        if bias.shape != (n,) or bias.dtype != x.dtype:
+            raise ValueError(f"semi_structured_matmul: bias must be [{n}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    _check_on_device_of_x("semi_structured_matmul", x, {"values": values, "metadata": metadata, "bias": bias})
     lead = x.shape[:-1]
     store_pre = activation == "gelu" and torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
     y, _ = _semi_structured_matmul(x.reshape(-1, k), values, metadata, bias, activation, store_pre)

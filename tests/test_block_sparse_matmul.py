@@ -14,7 +14,7 @@ from lotus_kernels import SparseLinear, backends, masks, ops
 from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
 
 DEVICE = triton_device()
-# fp32 gradients vs an fp64 reference: exact-ish in the interpreter, TF32 tensor cores on GPU.
+# fp32 gradients vs an fp64 reference: exact-ish in the interpreter; on GPU the bound also admits TF32 (torch "high" precision).
 FP32_TOL = 1e-4 if DEVICE == "cpu" else 2e-2
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="TRITON_INTERPRET=0 needs a CUDA device")
 
@@ -36,7 +36,7 @@ def make_case(m, in_features, out_features, density, block_size, dtype, seed=0, 
 def assert_close_to_reference(got, x, crow, col, values, n, bias, activation, tolerance_scale=2.0):
     """Kernel error vs fp32 <= 2x (PyTorch same-precision error) + atol."""
     exact = block_sparse_matmul_ref(x.double(), crow, col, values.double(), n, None if bias is None else bias.double(), activation)
-    # On GPU our fp32 path uses TF32 tensor cores: compare with PyTorch doing the same.
+    # On GPU our fp32 path may use TF32 (when torch allows it): bound it by PyTorch doing the same.
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = x.is_cuda
     try:
@@ -112,6 +112,85 @@ def test_no_bias_and_no_rows():
     assert ops.block_sparse_matmul(x, values, crow, col, 64).shape == (0, 64)
     x, crow, col, values, _ = make_case(5, 64, 64, 0.5, 16, torch.float32)
     assert_close_to_reference(ops.block_sparse_matmul(x, values, crow, col, 64), x, crow, col, values, 64, None, "none")
+
+
+def assert_grads_within_bound(got, exact, torch_same, dtype, what):
+    """Each of got (y and the gradients): error vs fp64 <= 2x PyTorch's same-precision error + atol."""
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, g, e, t in zip(what, got, exact, torch_same):
+        assert g.dtype == dtype and g.shape == e.shape, (name, g.dtype, g.shape, e.shape)
+        ours = (g.double() - e).abs().max().item()
+        torch_error = (t.double() - e).abs().max().item()
+        assert ours <= 2 * torch_error + atol, (name, ours, torch_error)
+
+
+def forward_backward(x, values, bias, run, grad):
+    """(y, dx, dvalues, dbias) of run(x, values, bias) for leaf copies of the inputs."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, values, bias)]
+    y = run(*leaves)
+    y.backward(grad.to(y.dtype))
+    return (y.detach(),) + tuple(None if t is None else t.grad for t in leaves)
+
+
+def strided(t, how="every_other"):
+    """The same values as t in a non-contiguous layout (1-d tensors: always every other element)."""
+    if how == "transposed_back" and t.dim() >= 2:  # e.g. a weight stored transposed and read back through .t()
+        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:  # every other element of a wider buffer
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        view = wide[..., ::2]
+    assert not view.is_contiguous() and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.parametrize("how", ["transposed_back", "every_other"])
+def test_non_contiguous_values_bias_and_indices_forward_and_backward(how):
+    # The kernels index values, bias and the index tensors as packed arrays; a
+    # strided view used to be read as if it were packed (max error ~26).
+    x, crow, col, values, bias = make_case(7, 64, 64, 0.6, (16, 32), torch.float32, seed=3)
+    structure = ops.block_sparse_structure(crow, col, 64, 64, (16, 32))
+    # Strided index tensors: the public call (structure computed inside) and a given strided structure.
+    crow_s, col_s = strided(crow), strided(col)
+    structure_s = ops.BlockSparseStructure(*(strided(t) for t in structure))
+    x_s, values_s, bias_s = strided(x, how), strided(values, how), strided(bias)
+    grad = torch.randn(7, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    exact = forward_backward(x.double(), values.double(), bias.double(), lambda a, v, b: block_sparse_matmul_ref(a, crow, col, v, 64, b), grad.double())
+    for kwargs in ({}, {"structure": structure_s}):
+        leaves = [t.detach().requires_grad_() for t in (x_s, values_s, bias_s)]
+        y = ops.block_sparse_matmul(leaves[0], leaves[1], crow_s, col_s, 64, leaves[2], **kwargs)
+        y.backward(grad)
+        for name, got, expected in zip(("y", "dx", "dvalues", "dbias"), (y.detach(),) + tuple(t.grad for t in leaves), exact):
+            error = (got.double() - expected).abs().max().item()
+            assert error <= FP32_TOL * (1 + expected.abs().max().item()), (name, "given structure" if kwargs else "structure computed", error)
+
+
+BACKWARD_BLOCKS = [16, 32, 64, (16, 32), (32, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("block_size", BACKWARD_BLOCKS, ids=lambda b: "x".join(map(str, masks.block_shape(b))))
+def test_backward_over_block_shapes_and_dtypes(block_size, dtype):
+    # dx walks W^T's structure with each block read transposed and dW is the
+    # per-block SDD product: both depend on (bh, bw), so every shape is checked.
+    x, crow, col, values, bias = make_case(24, 128, 64, 0.5, block_size, dtype, seed=5)
+    grad = torch.randn(24, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    ours = forward_backward(x, values, bias, lambda a, v, b: ops.block_sparse_matmul(a, v, crow, col, 64, b), grad)
+    ref = lambda a, v, b: block_sparse_matmul_ref(a, crow, col, v, 64, b)  # noqa: E731
+    exact = forward_backward(x.double(), values.double(), bias.double(), ref, grad.double())
+    torch_same = forward_backward(x, values, bias, ref, grad)
+    assert_grads_within_bound(ours, exact, torch_same, dtype, ("y", "dx", "dvalues", "dbias"))
+
+
+def test_fp16_gelu_backward_without_bias():
+    x, crow, col, values, _ = make_case(24, 128, 64, 0.5, (16, 32), torch.float16, seed=7)
+    grad = torch.randn(24, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.float16)
+    ref = lambda a, v, b: block_sparse_matmul_ref(a, crow, col, v, 64, None, "gelu")  # noqa: E731
+    ours = forward_backward(x, values, None, lambda a, v, b: ops.block_sparse_matmul(a, v, crow, col, 64, None, "gelu"), grad)
+    exact = forward_backward(x.double(), values.double(), None, ref, grad.double())
+    torch_same = forward_backward(x, values, None, ref, grad)
+    assert ours[3] is None
+    assert_grads_within_bound(ours[:3], exact[:3], torch_same[:3], torch.float16, ("y", "dx", "dvalues"))
 
 
 @pytest.mark.parametrize("pattern_block", [16, (16, 32)])
@@ -226,6 +305,19 @@ def test_auto_decisions_persist_across_processes(monkeypatch, tmp_path):
         (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 80), ValueError, "crow_indices must be"),
         (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 64, c[4][:32]), ValueError, "bias must be"),
         (lambda c: ops.block_sparse_matmul(c[0], c[3][:, :8], c[1], c[2], 64), ValueError, "bh, bw in"),
+        (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1].float(), c[2], 64), TypeError, "must be int32 or int64"),
+        # "meta" stands in for another device: the checks run before any kernel.
+        (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 64, c[4].to("meta")), ValueError, "bias is on meta"),
+        (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1].to("meta"), c[2], 64), ValueError, "crow_indices is on meta"),
+        (lambda c: ops.block_sparse_matmul(c[0], c[3].to("meta"), c[1], c[2], 64), ValueError, "values is on meta"),
+        (
+            lambda c: ops.block_sparse_matmul(
+                c[0], c[3], c[1], c[2], 64,
+                structure=ops.block_sparse_structure(c[1], c[2], 64, 64, (16, 16))._replace(source_t=c[2].to("meta")),
+            ),
+            ValueError, "structure.source_t is on meta",
+        ),
+        (lambda c: ops.block_sparse_matmul(c[0], c[3], c[1], c[2], 64, structure=tuple(ops.block_sparse_structure(c[1], c[2], 64, 64, (16, 16)))), TypeError, "BlockSparseStructure"),
     ],
 )
 def test_bad_input(call, exc, text):
@@ -244,6 +336,40 @@ def test_opcheck_and_compile():
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(4, 64, device=DEVICE)
     assert torch.allclose(compiled(x), layer(x))
+
+
+def test_opcheck_backward_ops_and_the_gelu_variant():
+    # The ops autograd calls (dx, SDD) and the forward that stores the
+    # pre-activation for GELU's backward: schema, fake and autograd checks
+    # (test_aot_dispatch_dynamic also runs the registered backward).
+    x, crow, col, values, bias = make_case(5, 64, 32, 0.5, (16, 32), torch.float32)
+    s = ops.block_sparse_structure(crow, col, 32, 64, (16, 32))
+    grad = torch.randn(5, 32, device=DEVICE)
+    lk = torch.ops.lotus_kernels
+    torch.library.opcheck(lk.block_sparse_matmul.default, (x.requires_grad_(), values.requires_grad_(), crow, col, *s, bias.requires_grad_(), 32, "gelu", True))
+    x, values, bias = x.detach(), values.detach(), bias.detach()
+    torch.library.opcheck(lk.block_sparse_matmul_dx.default, (grad, values, s.crow_t, s.col_t, s.source_t, s.row_order_t, 64))
+    torch.library.opcheck(lk.block_sparse_sdd.default, (grad, x, s.block_row, col, 16, 32))
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_compiled_backward_matches_eager(activation):
+    import copy
+
+    torch.manual_seed(0)
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 32, device=DEVICE), "block", sparsity=0.5, block_size=(16, 32), backend="triton", activation=activation)
+    compiled_layer = copy.deepcopy(layer)
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 64, device=DEVICE)
+    grad = torch.randn(2, 5, 32, device=DEVICE)
+    results = []
+    for module, fn in ((layer, layer), (compiled_layer, compiled)):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, module.values.grad, module.bias.grad))
+    for eager, comp in zip(*results):
+        assert comp is not None and torch.allclose(comp, eager, rtol=0, atol=1e-6), (comp - eager).abs().max()
 
 
 def test_structure_by_hand():
@@ -294,17 +420,20 @@ from lotus_kernels.triton import block_sparse_matmul as k
 
 matmul_args = ["x_ptr", "values_ptr", "crow_ptr", "col_ptr", "source_ptr", "row_order_ptr", "bias_ptr", "y_ptr", "pre_ptr"]
 ints = ["M", "stride_xm", "stride_xk", "stride_ym", "stride_yn", "M_BUCKET", "N", "K", "NNZ"]
-for arch, dtype, transposed in itertools.product((80, 90), ("fp16", "bf16", "fp32"), (False, True)):
+# fp32 compiles twice: "ieee" is the default (torch's "highest" fp32 matmul
+# precision), "tf32" follows torch.set_float32_matmul_precision("high").
+cases = [(d, "tf32") for d in ("fp16", "bf16", "fp32")] + [("fp32", "ieee")]
+for arch, (dtype, precision), transposed in itertools.product((80, 90), cases, (False, True)):
     signature = {name: ("*i64" if name in ("crow_ptr", "col_ptr", "source_ptr", "row_order_ptr") else f"*{dtype}") for name in matmul_args}
     signature.update({name: "i32" for name in ints})
     const = {"BH": 32, "BW": 64, "BLOCK_M": 64, "TRANSPOSED": transposed, "HAS_BIAS": True, "ACTIVATION": 1,
-             "STORE_PRE": True, "INPUT_PRECISION": "tf32", "INTERPRETED": False}
+             "STORE_PRE": True, "INPUT_PRECISION": precision, "INTERPRETED": False}
     signature.update({name: "constexpr" for name in const})
     triton.compile(ASTSource(k._bsr_matmul_kernel, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
                    options={"num_warps": 4, "num_stages": 3})
     signature = {"dy_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "row_ptr": "*i64", "col_ptr": "*i64", "dvalues_ptr": f"*{dtype}"}
     signature.update({name: "i32" for name in ("M", "stride_dym", "stride_dyn", "stride_xm", "stride_xk", "M_BUCKET", "NNZ")})
-    const = {"BH": 32, "BW": 64, "BLOCK_M": 128, "INPUT_PRECISION": "tf32", "INTERPRETED": False}
+    const = {"BH": 32, "BW": 64, "BLOCK_M": 128, "INPUT_PRECISION": precision, "INTERPRETED": False}
     signature.update({name: "constexpr" for name in const})
     triton.compile(ASTSource(k._bsr_sdd_kernel, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
                    options={"num_warps": 4, "num_stages": 3})

@@ -59,6 +59,83 @@ def test_backward_and_ragged_shapes(m, n, k):
         assert torch.allclose(got.double(), ref.grad, rtol=FP32_TOL, atol=FP32_TOL)
 
 
+def forward_backward(x, values, metadata, bias, run, grad):
+    """(y, dx, dvalues, dbias) of run(x, values, metadata, bias) for leaf copies of x, values, bias."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, values, bias)]
+    y = run(leaves[0], leaves[1], metadata, leaves[2])
+    y.backward(grad.to(y.dtype))
+    return (y.detach(),) + tuple(None if t is None else t.grad for t in leaves)
+
+
+def assert_grads_within_bound(ours, exact, torch_same, dtype):
+    """Each of (y, dx, dvalues, dbias): error vs fp64 <= 2x PyTorch's same-precision error + atol."""
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, g, e, t in zip(("y", "dx", "dvalues", "dbias"), ours, exact, torch_same):
+        if e is None:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype and g.shape == e.shape, (name, g.dtype, g.shape, e.shape)
+        error, torch_error = ((v.double() - e).abs().max().item() for v in (g, t))
+        assert error <= 2 * torch_error + atol, (name, error, torch_error)
+
+
+def check_forward_backward(m, n, k, dtype, with_bias=True, activation="none", seed=0):
+    x, values, metadata, bias = make_case(m, n, k, dtype, seed)
+    bias = bias if with_bias else None
+    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    ref = lambda a, v, meta, b: semi_structured_matmul_ref(a, v, meta, b, activation)  # noqa: E731
+    ours = forward_backward(x, values, metadata, bias, lambda a, v, meta, b: ops.semi_structured_matmul(a, v, meta, b, activation), grad)
+    exact = forward_backward(x.double(), values.double(), metadata, None if bias is None else bias.double(), ref, grad.double())
+    torch_same = forward_backward(x, values, metadata, bias, ref, grad)
+    assert_grads_within_bound(ours, exact, torch_same, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (7, 100, 24), (24, 128, 64), (33, 36, 72)])
+def test_backward_over_shapes_and_dtypes(m, k, n, dtype):
+    # K = 100 and 36 leave a partial metadata word and a partial BLOCK_K tile;
+    # N = 24 and 72 a partial BLOCK_N tile (dx walks N).
+    check_forward_backward(m, n, k, dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype,with_bias,activation",
+    [(torch.float32, False, "none"), (torch.float16, False, "none"), (torch.float16, True, "gelu")],
+    ids=["fp32-no_bias", "fp16-no_bias", "fp16-gelu"],
+)
+def test_backward_without_bias_and_fp16_gelu(dtype, with_bias, activation):
+    check_forward_backward(24, 64, 128, dtype, with_bias, activation, seed=3)
+
+
+def strided(t, how="every_other"):
+    """The same values as t in a non-contiguous layout (1-d tensors: always every other element)."""
+    if how == "transposed_back" and t.dim() >= 2:  # stored transposed, read back through .t()
+        view = t.t().contiguous().t()
+    else:  # every other element of a wider buffer
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        view = wide[..., ::2]
+    assert not view.is_contiguous() and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("how", ["transposed_back", "every_other"])
+def test_non_contiguous_values_metadata_and_bias_forward_and_backward(how, activation):
+    # The kernels read values, metadata and bias as packed arrays; strided
+    # views of them used to be read as if packed (max error ~33).
+    m, n, k = 7, 40, 96  # 3 metadata words per row: a transposed-back view really moves them
+    x, values, metadata, bias = make_case(m, n, k, torch.float32, seed=4)
+    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ref = lambda a, v, meta, b: semi_structured_matmul_ref(a, v, meta, b, activation)  # noqa: E731
+    exact = forward_backward(x.double(), values.double(), metadata, bias.double(), ref, grad.double())
+    run = lambda a, v, meta, b: ops.semi_structured_matmul(a, strided(v, how), strided(meta, how), strided(b), activation)  # noqa: E731
+    ours = forward_backward(strided(x, how), values, metadata, bias, run, grad)
+    for name, got, expected in zip(("y", "dx", "dvalues", "dbias"), ours, exact):
+        error = (got.double() - expected).abs().max().item()
+        assert error <= FP32_TOL * (1 + expected.abs().max().item()), (name, error)
+
+
 def test_sparse_linear_triton_backend_matches_reference_and_trains():
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 64, device=DEVICE)
@@ -92,6 +169,45 @@ def test_opcheck_compile_and_bad_input():
         ops.semi_structured_matmul(x, values, metadata, activation="relu")
 
 
+def test_opcheck_backward_op_and_the_gelu_variant():
+    # The dx op autograd calls and the forward that stores GELU's
+    # pre-activation: schema, fake and autograd checks (test_aot_dispatch_dynamic
+    # also runs the registered backward).
+    x, values, metadata, bias = make_case(5, 32, 64, torch.float32)
+    lk = torch.ops.lotus_kernels
+    torch.library.opcheck(lk.semi_structured_matmul.default, (x.requires_grad_(), values.requires_grad_(), metadata, bias.requires_grad_(), "gelu", True))
+    grad = torch.randn(5, 32, device=DEVICE)
+    torch.library.opcheck(lk.semi_structured_matmul_dx.default, (grad, values.detach(), metadata, 64))
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_compiled_backward_matches_eager(activation):
+    import copy
+
+    torch.manual_seed(0)
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 32, device=DEVICE), "2:4", backend="triton", activation=activation)
+    compiled_layer = copy.deepcopy(layer)
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 64, device=DEVICE)
+    grad = torch.randn(2, 5, 32, device=DEVICE)
+    results = []
+    for module, fn in ((layer, layer), (compiled_layer, compiled)):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, module.values.grad, module.bias.grad))
+    for eager, comp in zip(*results):
+        assert comp is not None and torch.allclose(comp, eager, rtol=0, atol=1e-6), (comp - eager).abs().max()
+
+
+def test_device_mismatch_is_a_clear_error():
+    x, values, metadata, bias = make_case(5, 32, 64, torch.float32)
+    # "meta" stands in for another device: the check runs before any kernel.
+    for args, name in (((x, values, metadata, bias.to("meta")), "bias"), ((x, values, metadata.to("meta")), "metadata"), ((x, values.to("meta"), metadata), "values")):
+        with pytest.raises(ValueError, match=f"{name} is on meta but x is on {x.device}"):
+            ops.semi_structured_matmul(*args)
+
+
 AOT_SCRIPT = r"""
 import itertools
 import triton
@@ -99,15 +215,18 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from lotus_kernels.triton import semi_structured_matmul as s
 
-for arch, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
+# fp32 compiles twice: "ieee" is the default (torch's "highest" fp32 matmul
+# precision), "tf32" follows torch.set_float32_matmul_precision("high").
+cases = [(d, "tf32") for d in ("fp16", "bf16", "fp32")] + [("fp32", "ieee")]
+for arch, (dtype, precision) in itertools.product((80, 90), cases):
     sig = {"x_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "meta_ptr": "*i32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "pre_ptr": f"*{dtype}"}
     sig.update({n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_xk", "stride_ym", "stride_yn")})
-    const = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "HAS_BIAS": True, "ACTIVATION": 1, "STORE_PRE": True, "INPUT_PRECISION": "tf32", "INTERPRETED": False}
+    const = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "HAS_BIAS": True, "ACTIVATION": 1, "STORE_PRE": True, "INPUT_PRECISION": precision, "INTERPRETED": False}
     sig.update({n: "constexpr" for n in const})
     triton.compile(ASTSource(s._ss_matmul_kernel, sig, constexprs=const), target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
     sig = {"dy_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "meta_ptr": "*i32", "dx_ptr": f"*{dtype}"}
     sig.update({n: "i32" for n in ("M", "N", "K", "stride_dym", "stride_dyn", "stride_dxm", "stride_dxk")})
-    const = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "INPUT_PRECISION": "tf32", "INTERPRETED": False}
+    const = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "INPUT_PRECISION": precision, "INTERPRETED": False}
     sig.update({n: "constexpr" for n in const})
     triton.compile(ASTSource(s._ss_matmul_dx_kernel, sig, constexprs=const), target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
 print("compiled")

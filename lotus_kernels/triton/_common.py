@@ -20,5 +20,26 @@ def gelu(z):
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots: TF32 tensor cores on GPU; exact in the interpreter (numpy), where TF32 means nothing."""
-    return "ieee" if dtype == torch.float32 and INTERPRET else "tf32"
+    """How fp32 dots run: as torch's own fp32 matmuls do, so that switching a layer between the
+    dense and a Triton backend never changes its precision silently.
+
+    ``torch.set_float32_matmul_precision("high")`` (or "medium") allows TF32
+    tensor cores; the default "highest" keeps full fp32 ("ieee"). The
+    interpreter (numpy) is always exact. fp16/bf16 dots ignore the setting.
+    """
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit inputs; the value every AOT-compile test builds with
+    if INTERPRET:
+        return "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def packed(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor contiguous (itself when it already is; None stays None).
+
+    The kernels address x, dy and their outputs through strides but read
+    weights, metadata, bias and index tensors as packed row-major arrays; a
+    strided view of one of those (values.t().contiguous().t(), bias[::2])
+    would be read as if it were packed: a silent wrong answer.
+    """
+    return tuple(None if t is None else t.contiguous() for t in tensors)

@@ -11,10 +11,11 @@ Kernels (one name everywhere: kernel, op, module backend, test, bench):
   dW[b] = dy[:, rows(b)]^T @ x[:, cols(b)], reduced over M by one program per
   block (pruned blocks never receive gradient).
 
-Precision: fp16/bf16 inputs accumulate in fp32; fp32 inputs use TF32 tensor
-cores on GPU (``input_precision="tf32"``, about 10 mantissa bits), the same
-trade PyTorch makes with ``allow_tf32``. Under TRITON_INTERPRET=1 the kernels
-run on CPU tensors (fp32/fp16), which is how tests/ check them.
+Precision: fp16/bf16 inputs accumulate in fp32; fp32 inputs follow torch's
+fp32 matmul setting (``_common.input_precision``): full fp32 by default, TF32
+tensor cores after ``torch.set_float32_matmul_precision("high")``, as the
+dense path does. Under TRITON_INTERPRET=1 the kernels run on CPU tensors
+(fp32/fp16), which is how tests/ check them.
 
 ``block_sparse_matmul_ref`` is the pure-torch reference.
 """
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..mask_compaction import bsr_to_dense_ref
-from ._common import ACTIVATIONS, INTERPRET, gelu, input_precision
+from ._common import ACTIVATIONS, INTERPRET, gelu, input_precision, packed
 
 
 
@@ -190,6 +191,7 @@ def _bsr_sdd_kernel(
 # ---------------------------------------------------------------------------
 
 
+
 def _m_bucket(m: int) -> int:
     """Rows rounded up to a power of two: the autotuner tunes once per bucket, not per batch size."""
     return 1 << max(0, (m - 1).bit_length())
@@ -242,6 +244,9 @@ def bsr_matmul(
     (``ops.BlockSparseStructure``). With ``source`` given, (crow_indices, col_indices)
     is W^T's structure and values are W's blocks, read transposed (dx = dy @ W).
     """
+    # Only x and y go through strides; everything else is read packed (see _common.packed).
+    values, crow_indices, col_indices, row_order = packed(values, crow_indices, col_indices, row_order)
+    source, bias = packed(source, bias)
     m, k = x.shape
     _, bh, bw = values.shape
     transposed = source is not None
@@ -273,6 +278,8 @@ def bsr_matmul(
 
 def bsr_sdd(dy: torch.Tensor, x: torch.Tensor, block_row: torch.Tensor, col_indices: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
     """dW at stored blocks: dy [M, N], x [M, K] -> dvalues [nnz, bh, bw] (fp32 accumulation, x.dtype out)."""
+    # dy and x go through strides; the block indices are read packed (see bsr_matmul).
+    block_row, col_indices = packed(block_row, col_indices)
     bh, bw = block_shape
     nnz = col_indices.numel()
     dvalues = torch.empty(nnz, bh, bw, device=x.device, dtype=x.dtype)

@@ -9,8 +9,8 @@ tl.dot. That wins where reading the weight dominates: small M (inference at
 batch 1-16). ``_ss_matmul_dx_kernel`` uses the same expansion for
 dx = dy @ W; dW is a dense product gathered at the kept slots (ops layer).
 
-Precision as in block_sparse_matmul: fp32 accumulation; fp32 inputs use TF32
-on GPU. ``semi_structured_matmul_ref`` is the pure-torch reference.
+Precision as in block_sparse_matmul: fp32 accumulation; fp32 inputs follow
+torch's fp32 matmul setting (TF32 only when torch allows it). ``semi_structured_matmul_ref`` is the pure-torch reference.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..mask_compaction import decompress_2to4_ref
-from ._common import ACTIVATIONS, INTERPRET, gelu, input_precision
+from ._common import ACTIVATIONS, INTERPRET, gelu, input_precision, packed
 
 
 
@@ -146,6 +146,7 @@ def _ss_matmul_dx_kernel(
     tl.store(dx_ptr + out, acc_t.to(dx_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_m[None, :] < M))
 
 
+
 def _tiles(m: int) -> dict:
     """Tile sizes: small M is the case this kernel exists for (weight-read bound)."""
     if INTERPRET:
@@ -157,7 +158,8 @@ def _tiles(m: int) -> dict:
 def ss_matmul(
     x: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, *, bias=None, activation: str = "none", store_pre_activation: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [M, K] -> (y [M, N], pre-activation or None); W from values [N, K/2], metadata."""
+    """x [M, K] (any strides) -> (y [M, N], pre-activation or None); W from values [N, K/2], metadata."""
+    values, metadata, bias = packed(values, metadata, bias)
     m, k = x.shape
     n = values.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -178,7 +180,8 @@ def ss_matmul(
 
 
 def ss_matmul_dx(dy: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, in_features: int) -> torch.Tensor:
-    """dy [M, N] -> dx [M, K] = dy @ W."""
+    """dy [M, N] (any strides) -> dx [M, K] = dy @ W."""
+    values, metadata = packed(values, metadata)
     m, n = dy.shape
     dx = torch.empty(m, in_features, device=dy.device, dtype=dy.dtype)
     if m == 0:
