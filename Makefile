@@ -27,7 +27,8 @@ bench: install
 	$(PY) -m pytest bench/ --benchmark-only
 
 # On a GPU machine with torch/triton/timm preinstalled (no venv, no network):
-# build, tests on CUDA, benchmarks, demo, all into one folder (default $$OUT).
+# build, tests on CUDA, benchmarks, their report and regression check, demo, all
+# into one folder (default $$OUT); BENCH_ARGS='-k ...' passes pytest args to the benchmarks.
 bench-gpu:
 	bash bench/run_gpu.sh $(BENCH_OUT)
 

@@ -183,23 +183,48 @@ def run_benchmark(benchmark, environment, device_peak):
 
 
 # Third-party kernels with known gaps (torch.sparse has no backward for a
-# sparse weight; cuSPARSELt has shape and dtype limits): such a case is
-# skipped with its reason. Our own providers must run: their errors fail.
-FOREIGN_PROVIDERS = ("torch_bsr", "cusparselt")
+# sparse weight; cuSPARSELt and torch's semi-structured sparsity have shape,
+# dtype and arch limits): such a case is skipped with its reason. Our own
+# providers must run: their errors fail.
+FOREIGN_PROVIDERS = ("torch_bsr", "cusparselt", "torch_semi_structured")
 # dense_key -> quantiles of the dense provider of that case, measured once per session.
 _DENSE: dict[tuple, dict[str, float]] = {}
 
 
+def foreign_errors() -> tuple[type[BaseException], ...]:
+    """What a foreign provider may raise where it cannot run a case: unsupported shapes and dtypes, Triton out of
+    shared memory or registers (OutOfResources is no RuntimeError), torch.compile / dynamo failures."""
+    errors: list[type[BaseException]] = [RuntimeError, NotImplementedError, ValueError]
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+
+        errors.append(TorchDynamoException)
+    except ImportError:  # torch without dynamo
+        pass
+    try:
+        from triton.runtime.errors import OutOfResources
+
+        errors.append(OutOfResources)
+    except ImportError:  # no triton on this machine: nothing of it can be raised
+        pass
+    return tuple(errors)
+
+
 def warmed_up(provider: str, mode: str, make_fn):
-    """make_fn() -> a zero-argument callable, called once (compile, autotune, algorithm search) before timing."""
+    """make_fn() -> a zero-argument callable, called once (compile, autotune, algorithm search) before timing.
+
+    A foreign provider (FOREIGN_PROVIDERS) that cannot run the case is
+    skipped with the reason; any error of our own providers propagates.
+    """
     try:
         fn = make_fn()
         fn()
         return fn
-    except (RuntimeError, NotImplementedError, ValueError) as e:
+    except foreign_errors() as e:
         if provider not in FOREIGN_PROVIDERS:
             raise
-        pytest.skip(f"{provider} cannot run {mode}: {str(e).splitlines()[0]}")
+        first_line = (str(e).splitlines() or [""])[0]
+        pytest.skip(f"{provider} cannot run {mode}: {type(e).__name__}: {first_line}")
 
 
 def measure_vs_dense(fn, make_dense_fn, dense_key, useful_flops, peak_tflops, *, is_dense=False, min_reps=5) -> dict:

@@ -7,12 +7,20 @@
            per block size), patch_drop_speedup.png (patch_drop_attention:
            speedup vs keep ratio), vit_e2e_<model>.png (bench_vit: images/s
            per variant). A plot without data is skipped, with a line saying so.
+           A JSON file that is not pytest-benchmark output (demo.json,
+           info.json, training records) is skipped with a note; only when no
+           benchmark file remains is it an error. A "Targets" section checks
+           the issue's end-to-end targets (TARGETS) against the run.
     lotus bench-report --compare OLD.json NEW.json [--threshold 0.10]
     lotus bench-report --compare NEW.json [--baseline-dir bench/results]
         -> a table of p50 per benchmark, old vs new; exit 1 if any benchmark
            is more than threshold slower. With one file the baseline is the
            newest pytest-benchmark file committed under --baseline-dir that
-           ran on the same device. Runs from different devices are refused.
+           ran on the same device and shares benchmarks with it. Runs from
+           different devices are refused.
+    python -m lotus_kernels.bench_report [--baseline-dir DIR] NEW.json ...
+        -> each file compared with its own baseline as above; a file without
+           one is reported and passes (bench/run_gpu.sh's compare step).
 
 Input is what ``pytest --benchmark-json`` writes: {"machine_info",
 "commit_info", "benchmarks": [{"name", "group", "params", "stats",
@@ -28,6 +36,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,14 +44,22 @@ from pathlib import Path
 
 __all__ = [
     "BenchReportError",
+    "NotBenchmarkFileError",
+    "NoBaselineError",
     "Comparison",
+    "Target",
+    "TARGETS",
     "load_run",
+    "load_runs",
+    "target_lines",
     "rows_of",
     "markdown_tables",
     "write_report",
     "compare_runs",
     "find_baseline",
+    "compare_each",
     "run",
+    "main",
 ]
 
 REPORT_NAME = "bench_report.md"
@@ -54,6 +71,18 @@ PATCH_DROP_PLOT = "patch_drop_speedup.png"
 
 class BenchReportError(ValueError):
     """A file that is not a readable pytest-benchmark JSON document, or runs that cannot be compared."""
+
+
+class NotBenchmarkFileError(BenchReportError):
+    """Valid JSON that is not pytest-benchmark output (a demo or training record): reports skip such a file.
+
+    Missing, unreadable or malformed files and broken benchmark entries stay
+    plain BenchReportErrors: those are mistakes to fix, not other kinds of result.
+    """
+
+
+class NoBaselineError(BenchReportError):
+    """No committed run to compare with (a first run on a device): the regression guard has nothing to say."""
 
 
 # ---------------------------------------------------------------------------
@@ -80,9 +109,30 @@ def load_run(path) -> dict:
     return {**doc, "_path": str(path)}
 
 
+def load_runs(paths: Sequence) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(documents, skipped): the pytest-benchmark files among paths, and (path, reason) for each JSON file that is not one.
+
+    Raises BenchReportError when no path is given, when a file is missing,
+    unreadable or broken, or when no benchmark file remains (naming each
+    skipped file and why).
+    """
+    if not paths:
+        raise BenchReportError("no input files: give one or more pytest-benchmark JSON files")
+    docs, skipped = [], []
+    for path in paths:
+        try:
+            docs.append(load_run(path))
+        except NotBenchmarkFileError as e:
+            # `bench/results/*.json` and a run_gpu.sh folder hold demo / training / info JSON beside the benchmarks.
+            skipped.append((str(path), str(e)))
+    if not docs:
+        raise BenchReportError("no pytest-benchmark file among the inputs: " + "; ".join(reason for _, reason in skipped))
+    return docs, skipped
+
+
 def _check_document(doc, path) -> None:
     def not_benchmark(reason: str) -> BenchReportError:
-        return BenchReportError(f"{path} is not a pytest-benchmark JSON file: {reason} (write one with pytest --benchmark-json=FILE)")
+        return NotBenchmarkFileError(f"{path} is not a pytest-benchmark JSON file: {reason} (write one with pytest --benchmark-json=FILE)")
 
     if not isinstance(doc, dict):
         raise not_benchmark(f"the top level is a {type(doc).__name__}, not an object")
@@ -207,6 +257,103 @@ def markdown_tables(rows: Sequence[dict]) -> list[str]:
             if e2e:
                 cells += [_fmt(r.get("images_per_s"), ".4g"), _fmt(r.get("peak_memory_mib"), ".0f")]
             lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# targets
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """An end-to-end speed target: a bench_vit case, the variants that may meet it, the speedup over dense it needs.
+
+    A vit_e2e row counts when its extra_info has this model, workload, batch
+    and image size, a bf16 dtype (bf16 inference or bf16 autocast training),
+    and every key/value of one of ``variants``. The target passes when the
+    best such row's speedup_vs_dense (dense of the same case and compile mode,
+    same run) reaches ``min_speedup``.
+    """
+
+    name: str
+    model: str
+    workload: str  # bench_vit's "infer" | "train"
+    batch: int
+    img_size: int
+    variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...]  # (label, ((extra_info key, value), ...))
+    min_speedup: float
+    device: str  # where the issue sets the target; a run elsewhere is reported with its device
+
+
+_KEEP_2TO4_MLP = ("keep 0.5 + 2:4 MLP", (("pattern", "2:4"), ("mlp_only", True), ("keep_ratio", 0.5)))
+_KEEP_BLOCK50_MLP = ("keep 0.5 + 50% block MLP", (("pattern", "block"), ("sparsity", 0.5), ("mlp_only", True), ("keep_ratio", 0.5)))
+
+# Issue 8, "Targets on H100 (bf16)". One table: add a target here and the report checks it.
+TARGETS = (
+    Target(
+        "ViT-B/16 224, batch 256, inference: keep 0.5 + 2:4 (or 50% block) MLP vs dense timm (SDPA), images/s",
+        "vit_b16_224", "infer", 256, 224, (_KEEP_2TO4_MLP, _KEEP_BLOCK50_MLP), 2.5, "H100",
+    ),
+    Target(
+        "ViT-B/16 224, batch 256, training step: keep 0.5 + 2:4 (or 50% block) MLP vs dense timm (SDPA), images/s",
+        "vit_b16_224", "train", 256, 224, (_KEEP_2TO4_MLP, _KEEP_BLOCK50_MLP), 1.8, "H100",
+    ),
+)
+
+
+def _same(value, wanted) -> bool:
+    if isinstance(wanted, bool) or not _is_number(wanted):
+        return value == wanted
+    return _is_number(value) and math.isclose(value, wanted, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def _target_rows(target: Target, rows: Sequence[dict]) -> list[tuple[str, dict]]:
+    """(variant label, row) for every vit_e2e row that measures the target, best speedup first."""
+    found = []
+    for r in rows:
+        if r["group"] != "vit_e2e" or not _is_number(r.get("speedup_vs_dense")):
+            continue
+        if (r.get("model"), r.get("workload"), r.get("batch")) != (target.model, target.workload, target.batch):
+            continue
+        img = r.get("img_size")
+        if img is not None and list(img) != [target.img_size, target.img_size]:
+            continue
+        if not re.search(r"bf16|bfloat16", str(r.get("dtype") or "")):
+            continue  # the CPU grid's fp32 runs say nothing about the bf16 targets
+        for label, wanted in target.variants:
+            if all(_same(r.get(key), value) for key, value in wanted):
+                found.append((label, r))
+                break
+    return sorted(found, key=lambda lr: -lr[1]["speedup_vs_dense"])
+
+
+def target_lines(rows: Sequence[dict], targets: Sequence[Target] = TARGETS) -> list[str]:
+    """Markdown lines: per target, pass / fail with the measured speedups, or "pending (not in this run)"."""
+    lines = [
+        "## Targets",
+        "",
+        "Speedup: images/s of the variant over images/s of dense timm (SDPA) of the same case and compile mode, same run; "
+        "the best matching result decides.",
+        "",
+        "| target | needs | status | measured (best first) |",
+        "|---|---|---|---|",
+    ]
+    for target in targets:
+        found = _target_rows(target, rows)
+        if not found:
+            status, measured = "pending (not in this run)", "-"
+        else:
+            best = found[0][1]
+            status = "pass" if best["speedup_vs_dense"] >= target.min_speedup else "fail"
+            if target.device not in best["device"]:
+                status += f" (on {best['device']}; the target is for {target.device})"
+            measured = "; ".join(
+                f"{r.get('variant', label)} {r.get('compile', '')}: {r['speedup_vs_dense']:.2f}x "
+                f"({_fmt(r.get('images_per_s'), '.4g')} images/s, {r['device']})"
+                for label, r in found
+            )
+        lines.append(f"| {_escape(target.name)} | >= {target.min_speedup:g}x | {_escape(status)} | {_escape(measured)} |")
     return lines
 
 
@@ -354,21 +501,31 @@ PLOTS = (
 
 
 def write_report(paths: Sequence, out_dir=DEFAULT_OUT) -> Path:
-    """Read the pytest-benchmark files, write out_dir/bench_report.md and the plots; returns the markdown's path."""
-    if not paths:
-        raise BenchReportError("no input files: give one or more pytest-benchmark JSON files")
-    docs = [load_run(p) for p in paths]
+    """Read the pytest-benchmark files, write out_dir/bench_report.md and the plots; returns the markdown's path.
+
+    JSON files that are not pytest-benchmark output are skipped and listed in
+    the report; BenchReportError when none of the files is one.
+    """
+    docs, skipped = load_runs(paths)
+    return _write_report(docs, skipped, out_dir)
+
+
+def _write_report(docs: Sequence[dict], skipped: Sequence[tuple[str, str]], out_dir) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BenchReportError(f"--out {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = rows_of(docs)
     lines = ["# Benchmark report", "", "Sources:", "", *_source_lines(docs)]
+    if skipped:
+        lines += ["", "Skipped (JSON, but not pytest-benchmark output): " + ", ".join(_escape(path) for path, _ in skipped) + "."]
     lines += [
         "",
         "p50: median device time of one call (extra_info p50_ms: triton do_bench on CUDA, wall clock on CPU; "
         "else pytest-benchmark's median). Speedup: the dense provider's p50 of the same case, same run, over this p50. "
         "TFLOP/s: useful work per second; % of peak: of the dense matmul peak measured in the same run.",
+        "",
+        *target_lines(rows),
         "",
         "## Plots",
         "",
@@ -484,12 +641,19 @@ def _committed_json(results_dir: Path) -> list[Path]:
 
 
 def find_baseline(new, results_dir=DEFAULT_OUT) -> Path:
-    """The newest committed pytest-benchmark file under results_dir from the same device as ``new`` (by its "datetime")."""
+    """The newest committed pytest-benchmark file under results_dir from the same device as ``new`` (by its "datetime")
+    that has at least one benchmark of ``new`` (by fullname). NoBaselineError when there is none.
+
+    Sharing a benchmark matters because a run is split over files
+    (bench/run_gpu.sh writes one per benchmark file): the newest file of the
+    device may hold other benchmarks, and comparing with it would compare nothing.
+    """
     new = _as_run(new)
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise BenchReportError(f"baseline directory {results_dir} does not exist")
     devices = devices_of(new)
+    names = {b.get("fullname") or b["name"] for b in new["benchmarks"]}
     new_path = Path(new["_path"]).resolve()
     candidates = []
     for path in _committed_json(results_dir):
@@ -499,12 +663,13 @@ def find_baseline(new, results_dir=DEFAULT_OUT) -> Path:
             doc = load_run(path)
         except BenchReportError:
             continue  # demo / training-run JSON files live there too
-        if devices_of(doc) == devices:
+        shared = names & {b.get("fullname") or b["name"] for b in doc["benchmarks"]}
+        if devices_of(doc) == devices and shared:
             candidates.append((str(doc.get("datetime") or ""), str(path), path))
     if not candidates:
-        raise BenchReportError(
-            f"no committed pytest-benchmark file under {results_dir} ran on {', '.join(devices)}: "
-            "give the baseline explicitly (--compare OLD.json NEW.json)"
+        raise NoBaselineError(
+            f"no committed pytest-benchmark file under {results_dir} ran on {', '.join(devices)} "
+            f"with any benchmark of {new['_path']}: give the baseline explicitly (--compare OLD.json NEW.json)"
         )
     return max(candidates)[2]
 
@@ -529,6 +694,55 @@ def run(files: Sequence[str] = (), out=None, compare: Sequence[str] | None = Non
         comparison = compare_runs(old, new, threshold)
         print(comparison.format())
         return 1 if comparison.regressions else 0
-    path = write_report(files, DEFAULT_OUT if out is None else out)
-    print(path)
+    docs, skipped = load_runs(files)
+    for path, _ in skipped:
+        print(f"lotus bench-report: skipped {path}: not pytest-benchmark output", file=sys.stderr)
+    print(_write_report(docs, skipped, DEFAULT_OUT if out is None else out))
     return 0
+
+
+def compare_each(files: Sequence, baseline_dir=DEFAULT_OUT, threshold: float = DEFAULT_THRESHOLD) -> int:
+    """Compare each new run with its baseline (find_baseline) and print the tables; 0 fine, 1 any regression.
+
+    A run without a baseline (the first on a device, or new benchmarks) is
+    reported and passes: there is nothing to regress from. A file that is not
+    pytest-benchmark output is skipped with a note.
+    """
+    docs, skipped = load_runs(files)
+    for path, _ in skipped:
+        print(f"{path}: skipped, not pytest-benchmark output")
+    regressed = False
+    for doc in docs:
+        try:
+            baseline = find_baseline(doc, baseline_dir)
+        except NoBaselineError as e:
+            print(f"{doc['_path']}: no baseline, nothing to compare ({e})")
+            continue
+        comparison = compare_runs(baseline, doc, threshold)
+        print(comparison.format(), end="\n\n")
+        regressed = regressed or bool(comparison.regressions)
+    return 1 if regressed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lotus_kernels.bench_report [--baseline-dir DIR] [--threshold T] NEW.json ...``: compare_each.
+
+    bench/run_gpu.sh's compare step; ``lotus bench-report --compare NEW.json``
+    treats a missing baseline as an error instead (one file asked about).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lotus_kernels.bench_report", description=compare_each.__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", metavar="NEW.json")
+    parser.add_argument("--baseline-dir", default=str(DEFAULT_OUT), help="where committed runs live (default bench/results)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="flag p50 more than this fraction slower (default 0.10)")
+    args = parser.parse_args(argv)
+    try:
+        return compare_each(args.files, args.baseline_dir, args.threshold)
+    except BenchReportError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

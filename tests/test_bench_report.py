@@ -264,3 +264,122 @@ def test_command_arguments(tmp_path, capsys):
     assert cli.main(["bench-report", "--compare", str(good), str(good), str(good)]) == 2
     assert cli.main(["bench-report", "--compare", str(good), str(good), "--threshold", "0"]) == 2
     assert "threshold must be a number > 0" in capsys.readouterr().err
+
+
+def test_report_skips_json_that_is_not_benchmark_output(tmp_path, capsys):
+    """`lotus bench-report bench/results/*.json` and a run_gpu.sh folder mix benchmark files with demo/info/training JSON."""
+    bench = write(tmp_path / "bench-vit.json", kernel_and_vit_run())
+    others = [
+        write(tmp_path / "demo.json", {"model": "vit_tiny_patch16_224", "rows": []}),
+        write(tmp_path / "info.json", {"versions": {"torch": "2.x"}, "cuda_devices": []}),
+        write(tmp_path / "train.json", [{"epoch": 1}]),
+    ]
+    md = bench_report.write_report([others[0], bench, *others[1:]], tmp_path / "out")
+    text = md.read_text()
+    assert "Skipped (JSON, but not pytest-benchmark output): " in text
+    for path in others:
+        assert str(path) in text.split("Skipped")[1].splitlines()[0]
+    assert "## vit_e2e" in text and "| " + str(bench) in text
+    assert cli.main(["bench-report", *map(str, others), str(bench), "--out", str(tmp_path / "cli")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(tmp_path / "cli" / "bench_report.md")
+    assert all(f"skipped {path}: not pytest-benchmark output" in captured.err for path in others)
+    # Only non-benchmark files left: a clear error naming each and why.
+    with pytest.raises(bench_report.BenchReportError, match="no pytest-benchmark file among the inputs") as error:
+        bench_report.write_report(others, tmp_path / "none")
+    assert all(str(path) in str(error.value) for path in others) and "no 'benchmarks' or 'machine_info' key" in str(error.value)
+    assert cli.main(["bench-report", *map(str, others), "--out", str(tmp_path / "none")]) == 2
+    # A broken file is still an error, not a skip: it is a mistake, not another kind of result.
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(bench_report.BenchReportError, match="is not JSON"):
+        bench_report.write_report([bench, broken], tmp_path / "out")
+
+
+def vit_target_rows(speedups, workload="infer", batch=256, dtype="torch.bfloat16", device=H100, model="vit_b16_224", compile="eager"):
+    """bench_vit rows (dense plus each {variant name: speedup}) with the extra_info bench_vit records."""
+    attrs = {
+        "dense": dict(pattern=None, sparsity=0.0, block=None, mlp_only=False, keep_ratio=1.0),
+        "2to4mlp+keep0.5": dict(pattern="2:4", sparsity=0.5, block=None, mlp_only=True, keep_ratio=0.5),
+        "block0.5-blk64-mlp+keep0.5": dict(pattern="block", sparsity=0.5, block=64, mlp_only=True, keep_ratio=0.5),
+        "block0.5-blk64+keep0.5": dict(pattern="block", sparsity=0.5, block=64, mlp_only=False, keep_ratio=0.5),
+        "keep0.5": dict(pattern=None, sparsity=0.0, block=None, mlp_only=False, keep_ratio=0.5),
+    }
+    dense_ms = 200.0
+    rows = []
+    for variant, speedup in {"dense": 1.0, **speedups}.items():
+        p50 = dense_ms / speedup
+        rows.append(
+            fake_bench(
+                f"bench_vit[{model}-{workload}-b{batch}-{compile}-{variant}]", "vit_e2e", p50, device=device,
+                op="vit_e2e", provider=variant, variant=variant, model=model, workload=workload, batch=batch, compile=compile,
+                img_size=[224, 224], dtype=dtype, images_per_s=batch / (p50 * 1e-3), speedup_vs_dense=speedup, **attrs[variant],
+            )
+        )
+    return rows
+
+
+def target_row(text, workload):
+    (line,) = [line for line in text.splitlines() if line.startswith("| ViT-B/16 224, batch 256, " + workload)]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_targets_pass_fail_and_pending(tmp_path):
+    infer = vit_target_rows({"2to4mlp+keep0.5": 2.3, "block0.5-blk64-mlp+keep0.5": 2.6, "keep0.5": 2.9})
+    train = vit_target_rows(
+        {"2to4mlp+keep0.5": 1.7, "block0.5-blk64+keep0.5": 2.5}, workload="train", dtype="torch.float32 + bf16 autocast"
+    )
+    text = bench_report.write_report([write(tmp_path / "run.json", fake_run(infer + train))], tmp_path / "out").read_text()
+    assert "## Targets" in text and text.index("## Targets") < text.index("## Plots")
+    status, measured = target_row(text, "inference")[2:]
+    # Either MLP variant may meet it; keep alone (2.9x) and block on every layer are not the target's variants.
+    assert status == "pass" and measured.startswith("block0.5-blk64-mlp+keep0.5 eager: 2.60x (3328 images/s, " + H100)
+    assert "2to4mlp+keep0.5 eager: 2.30x" in measured and "keep0.5 eager" not in measured.replace("+keep0.5 eager", "")
+    needs, status, measured = target_row(text, "training step")[1:]
+    assert (needs, status) == (">= 1.8x", "fail") and measured == f"2to4mlp+keep0.5 eager: 1.70x (2176 images/s, {H100})"
+
+    # Exactly at the threshold passes; fp32 (the CPU grid), another batch, or no rows at all: pending.
+    at = vit_target_rows({"2to4mlp+keep0.5": 2.5})
+    others = vit_target_rows({"2to4mlp+keep0.5": 3.0}, workload="train", dtype="torch.float32")
+    others += vit_target_rows({"2to4mlp+keep0.5": 3.0}, workload="train", batch=64, dtype="torch.float32 + bf16 autocast")
+    text = bench_report.write_report([write(tmp_path / "at.json", fake_run(at + others))], tmp_path / "at").read_text()
+    assert target_row(text, "inference")[2] == "pass"
+    assert target_row(text, "training step")[2:] == ["pending (not in this run)", "-"]
+
+    # Another device: the status says where it ran.
+    a100 = vit_target_rows({"2to4mlp+keep0.5": 2.7}, device="NVIDIA A100-SXM4-80GB")
+    text = bench_report.write_report([write(tmp_path / "a100.json", fake_run(a100))], tmp_path / "a100").read_text()
+    assert target_row(text, "inference")[2] == "pass (on NVIDIA A100-SXM4-80GB; the target is for H100)"
+
+
+def test_targets_table_is_the_issue_s():
+    by_workload = {t.workload: t for t in bench_report.TARGETS}
+    assert sorted(by_workload) == ["infer", "train"] and len(bench_report.TARGETS) == 2
+    assert (by_workload["infer"].min_speedup, by_workload["train"].min_speedup) == (2.5, 1.8)
+    for target in bench_report.TARGETS:
+        assert (target.model, target.batch, target.img_size, target.device) == ("vit_b16_224", 256, 224, "H100")
+        assert [dict(w)["pattern"] for _, w in target.variants] == ["2:4", "block"]
+        assert all(dict(w)["keep_ratio"] == 0.5 and dict(w)["mlp_only"] is True for _, w in target.variants)
+
+
+def test_baseline_must_share_benchmarks_and_compare_each_passes_without_one(tmp_path, capsys):
+    """run_gpu.sh writes one file per benchmark file: the baseline of bench-vit.json is the last committed run of
+    bench_vit on that device, not the newest file of the device."""
+    results = tmp_path / "results"
+    results.mkdir()
+    vit_old = write(results / "vit-old.json", fake_run([fake_bench("bench_vit[a]", "vit_e2e", 1.0)], "2026-10-01T00:00:00"))
+    write(results / "block-newer.json", fake_run([fake_bench("bench_block[a]", "block", 1.0)], "2026-11-01T00:00:00"))
+    write(results / "demo.json", {"rows": []})
+    new_vit = write(tmp_path / "bench-vit.json", fake_run([fake_bench("bench_vit[a]", "vit_e2e", 1.5)], "2026-11-24T00:00:00"))
+    new_attn = write(tmp_path / "bench-attn.json", fake_run([fake_bench("bench_attn[a]", "attn", 1.0)], "2026-11-24T00:00:00"))
+    assert bench_report.find_baseline(new_vit, results) == vit_old
+    with pytest.raises(bench_report.NoBaselineError, match="with any benchmark of"):
+        bench_report.find_baseline(new_attn, results)
+    assert bench_report.compare_each([new_attn], results) == 0
+    assert "bench-attn.json: no baseline, nothing to compare" in capsys.readouterr().out
+    assert bench_report.main(["--baseline-dir", str(results), str(new_attn), str(new_vit)]) == 1
+    out = capsys.readouterr().out
+    assert "no baseline" in out and "vit-old.json" in out and "REGRESSION" in out
+    assert bench_report.main(["--baseline-dir", str(results), str(new_vit), "--threshold", "0.6"]) == 0
+    assert bench_report.main(["--baseline-dir", str(tmp_path / "missing"), str(new_vit)]) == 2
+    assert "baseline directory" in capsys.readouterr().err
