@@ -64,7 +64,11 @@ def cls_attention(qkv: torch.Tensor, num_heads: int, scale: float, num_prefix_to
 
     One query row (O(N * H * D) per image): the selection statistic for
     dropping at a block, computed before that block's attention so the
-    dropped tokens never enter it.
+    dropped tokens never enter it. It is what ``ops.patch_drop_attention``
+    returns with ``return_cls_attention=True``, but the kernel gives it only
+    as a by-product of attending over all N tokens (O(N^2)); taking it from
+    there would mean either a full attention pass thrown away, or EViT's
+    order (kept tokens attend to every token, then the dropped ones go).
     """
     b, n = qkv.shape[:2]
     q, k, _ = qkv.detach().unflatten(2, (3, num_heads, -1)).unbind(2)  # [B, N, H, D]

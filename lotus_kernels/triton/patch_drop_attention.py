@@ -23,11 +23,13 @@ Kernels (one name everywhere: kernel, op, module, test, bench):
 
 Rows: keep_idx [B, K] int32, each row starting with the prefix (CLS) tokens
 and optionally padded with trailing -1 (per-row counts, ``counts[b]`` valid
-entries); padded query rows output zeros and padded keys are masked out.
+entries); padded query rows output zeros and padded keys are masked out;
+forward programs whose query rows are all padding skip the key loop.
 
 Precision: fp16/bf16 accumulate in fp32 (scores, softmax statistics and the
-output accumulator); fp32 inputs use TF32 tensor cores on GPU, exact
-arithmetic under TRITON_INTERPRET=1. ``patch_drop_attention_ref`` gathers,
+output accumulator); fp32 inputs follow torch's fp32 matmul setting (full
+fp32 by default, TF32 after ``torch.set_float32_matmul_precision("high")``),
+exact arithmetic under TRITON_INTERPRET=1. ``patch_drop_attention_ref`` gathers,
 then runs softmax attention in fp32.
 """
 
@@ -189,19 +191,25 @@ def _pda_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # Only the valid kept keys are visited: a row keeping K tokens costs K, not N.
-    if INTERPRETED:
-        # Triton 3.6's interpreter cannot take loaded values as range() bounds.
-        start_n = 0
-        while start_n < count:
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, start_n, count, b, idx_ptr, k_base, v_base, offs_d, d_valid, stride_ib, stride_ik, stride_n, stride_d, qk_scale, BLOCK_N, IDENTITY, INPUT_PRECISION)
-            start_n += BLOCK_N
-    else:
-        for start_n in range(0, count, BLOCK_N):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, start_n, count, b, idx_ptr, k_base, v_base, offs_d, d_valid, stride_ib, stride_ik, stride_n, stride_d, qk_scale, BLOCK_N, IDENTITY, INPUT_PRECISION)
+    # A block of pure padding (an image keeping fewer than K tokens) has no
+    # query and skips the keys altogether; it still stores its zeros below.
+    if pid_m * BLOCK_M < count:
+        if INTERPRETED:
+            # Triton 3.6's interpreter cannot take loaded values as range() bounds.
+            start_n = 0
+            while start_n < count:
+                acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, start_n, count, b, idx_ptr, k_base, v_base, offs_d, d_valid, stride_ib, stride_ik, stride_n, stride_d, qk_scale, BLOCK_N, IDENTITY, INPUT_PRECISION)
+                start_n += BLOCK_N
+        else:
+            for start_n in range(0, count, BLOCK_N):
+                acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, start_n, count, b, idx_ptr, k_base, v_base, offs_d, d_valid, stride_ib, stride_ik, stride_n, stride_d, qk_scale, BLOCK_N, IDENTITY, INPUT_PRECISION)
 
-    lse = m_i + tl.log2(l_i)
-    acc = acc / l_i[:, None]
-    acc = tl.where(m_valid[:, None], acc, 0.0)  # padded rows: zeros, not the attention of a dummy query
+    # Padded rows: output zeros (not the attention of a dummy query) and lse 0
+    # (never read: the backward masks padded rows). l_i is 0 there when the
+    # key loop was skipped, so divide by 1 instead: no 0/0 even in dead lanes.
+    l_i = tl.where(m_valid, l_i, 1.0)
+    lse = tl.where(m_valid, m_i + tl.log2(l_i), 0.0)
+    acc = tl.where(m_valid[:, None], acc / l_i[:, None], 0.0)
     out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ok + offs_d[None, :] * stride_od
     in_k = offs_m < K
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_k[:, None] & d_valid[None, :])
