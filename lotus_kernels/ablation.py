@@ -260,6 +260,18 @@ def _selector_overlap(a: TicketSelector, b: TicketSelector, dataset, limit: int 
     return total / seen
 
 
+def rewrite_ablation_report(out) -> Path:
+    """report.md (and recovery.png) of a finished ablation folder again, from its ablation.json and metrics."""
+    out = Path(out)
+    summary = json.loads((out / "ablation.json").read_text())
+    histories = {}
+    for r in summary["rows"]:
+        metrics = out / r["variant"] / "metrics.jsonl"
+        if r["recovery_epochs"] and metrics.is_file():
+            histories[r["variant"]] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return write_ablation_report(out, summary, histories)
+
+
 def write_ablation_report(out: Path, summary: dict, histories: dict) -> Path:
     ref = summary["reference"]
     lines = [
@@ -268,7 +280,7 @@ def write_ablation_report(out: Path, summary: dict, histories: dict) -> Path:
         f"{summary['essential_sparsity_knee']:.0%}. Dense model: {ref['dense']['acc_all_patches']:.4f}; ticket student (unpruned): "
         f"{ref['tickets']['acc_all_patches']:.4f} all patches, {ref['tickets']['acc_tickets']:.4f} on tickets. Test set accuracies.",
         "| variant | pruned model | pruner | ISP ingredients on | tickets picked by | epochs on tickets after pruning | weight sparsity "
-        "| acc, all patches | acc, on tickets | drop vs dense (tickets) |",
+        "| acc, all patches | acc, on tickets | on tickets vs dense |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
@@ -276,7 +288,7 @@ def write_ablation_report(out: Path, summary: dict, histories: dict) -> Path:
             f"| {r['variant']} | {'ticket student' if r['source'] == 'tickets' else 'dense'} | {r['pruner']} | "
             f"{'' if r['pruner'] != 'isp' else ('tickets' if r['isp_on_tickets'] else 'all patches')} | "
             f"{'dense selector' if r['selector'] == 'dense' else 'the pruned model'} | {r['recovery_epochs']} | {r['weight_sparsity']:.1%} | "
-            f"{r['acc_all_patches']:.4f} | {r['acc_tickets']:.4f} | {100 * r['drop_vs_dense_on_tickets']:+.2f} pts |"
+            f"{r['acc_all_patches']:.4f} | {r['acc_tickets']:.4f} | {-100 * r['drop_vs_dense_on_tickets']:+.2f} pts |"
         )
     lines += ["", "Variants:", *[f"- `{r['variant']}`: {r['description']}" for r in summary["rows"]]]
     overlap = summary["selector_overlap"]
@@ -284,7 +296,7 @@ def write_ablation_report(out: Path, summary: dict, histories: dict) -> Path:
         lines += ["", "## How much pruning moves the tickets",
                   "Fraction of the dense selector's tickets that the pruned model, as a selector, still picks "
                   f"(first 2,000 test images; two random selections share {overlap['random_expected']:.2f}):", ""]
-        lines += [f"- {k.replace('_', ' ')}: {v:.3f}" for k, v in overlap.items() if k != "random_expected"]
+        lines += [f"- the dense model after {k.removeprefix('dense_').replace('_', '-')} pruning: {v:.3f}" for k, v in overlap.items() if k != "random_expected"]
     parts = ["\n".join(lines)]
     if histories:
         _plot_histories(histories, out / "recovery.png", f"Recovery on tickets after pruning to {summary['target_sparsity']:.0%}")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lotus_kernels import cli
-from lotus_kernels.ablation import VARIANTS, check_variants, run_ablation
+from lotus_kernels.ablation import VARIANTS, check_variants, rewrite_ablation_report, run_ablation
 from lotus_kernels.pipeline import PipelineConfig, run_pipeline
 
 TINY = dict(
@@ -41,6 +41,10 @@ def test_every_variant_prunes_to_the_target_and_trains_the_stated_epochs(tmp_pat
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "report.md").read_text()
     assert all(f"| {name} |" in report for name in VARIANTS) and "How much pruning moves the tickets" in report
+    # A finished folder's report is redrawn from its own files, identically.
+    (tmp_path / "report.md").unlink()
+    rewrite_ablation_report(tmp_path)
+    assert (tmp_path / "report.md").read_text() == report
 
 
 def test_ours_reuses_a_pipeline_run_and_reproduces_its_combined_row(tmp_path):
