@@ -432,11 +432,13 @@ for arch, (dtype, precision), transposed in itertools.product((80, 90), cases, (
     triton.compile(ASTSource(k._bsr_matmul_kernel, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
                    options={"num_warps": 4, "num_stages": 3})
     signature = {"dy_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "row_ptr": "*i64", "col_ptr": "*i64", "dvalues_ptr": f"*{dtype}"}
-    signature.update({name: "i32" for name in ("M", "stride_dym", "stride_dyn", "stride_xm", "stride_xk", "M_BUCKET", "NNZ")})
+    signature.update({name: "i32" for name in ("M", "M_PER_SPLIT", "stride_dym", "stride_dyn", "stride_xm", "stride_xk", "M_BUCKET", "NNZ", "SPLITS")})
     const = {"BH": 32, "BW": 64, "BLOCK_M": 128, "INPUT_PRECISION": precision, "INTERPRETED": False}
     signature.update({name: "constexpr" for name in const})
-    triton.compile(ASTSource(k._bsr_sdd_kernel, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
-                   options={"num_warps": 4, "num_stages": 3})
+    for out in (dtype, "fp32"):  # dW itself, or the fp32 partials of a split M
+        signature["dvalues_ptr"] = f"*{out}"
+        triton.compile(ASTSource(k._bsr_sdd_kernel, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": 4, "num_stages": 3})
 print("compiled")
 """
 
@@ -447,3 +449,39 @@ def test_gpu_path_compiles_for_sm80_and_sm90():
     # autotuned tiles, TF32 dots): compile it ahead of time for A100 and H100,
     # which needs no GPU, so a break shows here and not first on a GPU machine.
     compile_for_gpu(AOT_SCRIPT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sdd_split_over_m_sums_the_same_gradient(dtype):
+    # Few blocks and a long M: programs share each block's rows, fp32 partials summed once.
+    from lotus_kernels.triton import block_sparse_matmul as k
+
+    g = torch.Generator().manual_seed(0)
+    m, n, kk, b = 600, 32, 64, 16
+    dy = torch.randn(m, n, generator=g).to(DEVICE, dtype)
+    x = torch.randn(m, kk, generator=g).to(DEVICE, dtype)
+    block_row = torch.tensor([0, 0, 1, 1], device=DEVICE)
+    col = torch.tensor([0, 3, 1, 2], device=DEVICE)
+    exact = (dy.double().t() @ x.double()).reshape(n // b, b, kk // b, b).permute(0, 2, 1, 3)[block_row, col]
+    one = k.bsr_sdd(dy, x, block_row, col, (b, b), splits=1)
+    three = k.bsr_sdd(dy, x, block_row, col, (b, b), splits=3)  # 600 rows: slices of 256, 256, 88
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for got in (one, three):
+        assert got.dtype == dtype and got.shape == (4, b, b)
+        assert (got.double() - exact).abs().max().item() <= tolerance * (1 + exact.abs().max().item())
+    # More splits than slices of 256 rows: no empty program, same answer.
+    torch.testing.assert_close(k.bsr_sdd(dy, x, block_row, col, (b, b), splits=50), three, rtol=0, atol=1e-3 if dtype == torch.float16 else 1e-5)
+
+
+def test_sdd_splits_fill_the_gpu_only_when_blocks_are_few(monkeypatch):
+    from lotus_kernels.triton import block_sparse_matmul as k
+
+    class H100:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: H100)
+    cuda = torch.device("cuda", 0)
+    assert k.sdd_splits(50_000, 58, cuda) == 5  # ViT-B fc1, block 64, density 0.1: 58 blocks -> 290 programs
+    assert k.sdd_splits(50_000, 2_000, cuda) == 1  # blocks alone fill the device
+    assert k.sdd_splits(300, 4, cuda) == 2  # never more slices than 256-row pieces of M
+    assert k.sdd_splits(50_000, 4, torch.device("cpu")) == 1
