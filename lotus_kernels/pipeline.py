@@ -23,14 +23,18 @@ Stages (each writes a sub-folder of ``out_dir``; report.md sums them up):
 6. export: the first pattern's model as compact safetensors, and a timing of
    dense vs sparse (vs sparse on tickets) forward passes on this device.
 
-Why the paper's combined run could collapse to ~50% and ours should not:
-pruning and ticket training fight when the mask is chosen on all-patch
-statistics and then frozen while the model must re-learn from half the
-tokens at once, with no recovery phase. Here the student is first adapted to
-tickets, the mask is chosen from that student (ISP's ingredients train it
-briefly), and the final fine-tuning on tickets runs with the mask held, so
-the remaining weights adapt to both changes together; the report shows each
-step's accuracy so a collapse would be visible where it happens.
+Why the paper's combined run could collapse to ~50% and ours does not is
+measured by ``lotus ablate`` (``lotus_kernels.ablation``: eight variants of
+the combination from one pipeline run). On CIFAR-10 at micro scale
+(results/cifar10-micro-cpu/ablation) the collapse is the missing recovery:
+every variant that fine-tunes on tickets with the mask held ends 1.3-1.6
+points below dense, whatever the order, the pruner or the selector, while
+the same masks without it lose 6-10 points on tickets at 50% sparsity (and
+fall to 28-33% at 70%), and a ticket student pruned one-shot and served all
+patches falls to 49.9% (dense 65.8%). Pruning hardly moves the tickets (a
+pruned selector keeps 82-91% of them), so
+"pruning removes weights the tickets need" is not what breaks it. The report
+shows each step's accuracy so a collapse would be visible where it happens.
 """
 
 from __future__ import annotations
