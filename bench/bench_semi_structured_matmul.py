@@ -95,8 +95,8 @@ def auto_choice(n: int, k: int, rows: int, dtype, mode: str = "fwd") -> str | No
     """What "auto" chose for an [n, k] 2:4 layer at this many rows, for inference ("fwd") or
     training ("fwd+bwd"); None if it had one candidate (e.g. on CPU)."""
     bucket = backends.rows_bucket(rows)
-    for (spec, _, out_f, in_f, rows_bucket, _, decided_for), name in backends.auto_choices().items():
-        if (spec.pattern, spec.dtype, out_f, in_f, rows_bucket, decided_for) == ("2:4", dtype, n, k, bucket, mode):
+    for d, name in backends.auto_choices().items():
+        if (d.spec.pattern, d.spec.dtype, d.out_features, d.in_features, d.rows, d.mode) == ("2:4", dtype, n, k, bucket, mode):
             return name
     return None
 

@@ -187,7 +187,6 @@ def run_ablation(config: PipelineConfig | None, out_dir, *, from_run=None, varia
             return pruned[v.pruned_key]
         model = copy.deepcopy(dense if v.source == "dense" else student)
         if v.pruner == "one_shot":
-            model = disable_patch_dropping_(model)
             masks = one_shot_masks(model, config.target_sparsity)
             apply_masks_(model, masks)
         elif v.isp_on_tickets:
@@ -195,11 +194,9 @@ def run_ablation(config: PipelineConfig | None, out_dir, *, from_run=None, varia
             on_tickets = hooks[2]
             evaluate = lambda m: engine.evaluate(m, val_set, amp=base.amp, token_hook=on_tickets)["acc"]  # noqa: E731
             masks = instant_soup_stage(model, config, train_set, evaluate, knee, token_hook=on_tickets).masks
-            model = disable_patch_dropping_(model)
         else:
-            model = disable_patch_dropping_(model)
-            masks = instant_soup_stage(model, config, train_set, val_set, knee).masks
-        pruned[v.pruned_key] = (model, masks)
+            masks = instant_soup_stage(disable_patch_dropping_(model), config, train_set, val_set, knee).masks
+        pruned[v.pruned_key] = (disable_patch_dropping_(model), masks)
         return model, masks
 
     histories: dict[str, list] = {}

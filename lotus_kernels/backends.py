@@ -39,6 +39,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,20 @@ class Backend:
     auto: Callable[[LayerSpec], bool] = lambda spec: True
 
 
+class Decision(NamedTuple):
+    """What one "auto" decision is for (the in-process cache key; its text is the persisted one)."""
+
+    spec: LayerSpec
+    values_shape: tuple[int, ...]
+    out_features: int
+    in_features: int
+    rows: int  # rows of x rounded up to a power of two
+    candidates: tuple[str, ...]
+    mode: str  # "fwd" (inference) or "fwd+bwd" (training)
+
+
 _REGISTRY: dict[str, Backend] = {}
-_AUTO_CHOICE: dict[tuple, str] = {}
+_AUTO_CHOICE: dict[Decision, str] = {}
 AUTO = "auto"
 # The built-in fallbacks stay behind every kernel backend, in this order.
 _LAST = ("dense", "reference")
@@ -137,7 +150,7 @@ def select_for(module, x: torch.Tensor, spec: LayerSpec, timer: Callable | None 
     names = tuple(b.name for b in candidates)
     training = torch.is_grad_enabled() and module.values.requires_grad
     rows = rows_bucket(math.prod(x.shape[:-1]))
-    key = (spec, tuple(module.values.shape), module.out_features, module.in_features, rows, names, "fwd+bwd" if training else "fwd")
+    key = Decision(spec, tuple(module.values.shape), module.out_features, module.in_features, rows, names, "fwd+bwd" if training else "fwd")
     if key in _AUTO_CHOICE:
         return _REGISTRY[_AUTO_CHOICE[key]]
     if torch.compiler.is_compiling():
@@ -160,7 +173,7 @@ def rows_bucket(rows: int) -> int:
     return 1 << (max(1, rows) - 1).bit_length()
 
 
-def auto_choices() -> dict[tuple, str]:
+def auto_choices() -> dict[Decision, str]:
     """What "auto" has decided so far in this process (for info and benchmarks)."""
     return dict(_AUTO_CHOICE)
 
@@ -191,12 +204,12 @@ def _device_key(device: torch.device) -> str:
     return f"{name} | torch {torch.__version__} | triton {version('triton')} | lotus {version('lotus-kernels')}"
 
 
-def _decision_key(key: tuple) -> str:
-    spec, values_shape, out_f, in_f, rows, names, mode = key
+def _decision_key(key: Decision) -> str:
+    spec = key.spec
     block = "" if spec.block_size is None else f" block {spec.block_size[0]}x{spec.block_size[1]}"
     return (
-        f"{spec.pattern}{block} {str(spec.dtype).removeprefix('torch.')} out {out_f} in {in_f} "
-        f"values {list(values_shape)} rows<={rows} {mode} among {','.join(names)}"
+        f"{spec.pattern}{block} {str(spec.dtype).removeprefix('torch.')} out {key.out_features} in {key.in_features} "
+        f"values {list(key.values_shape)} rows<={key.rows} {key.mode} among {','.join(key.candidates)}"
     )
 
 
@@ -208,17 +221,16 @@ def _read_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _saved_choice(key: tuple, device: torch.device) -> str | None:
+def _saved_choice(key: Decision, device: torch.device) -> str | None:
     path = auto_cache_path()
     if path is None or device.type != "cuda":
         return None
     entry = _read_cache(path).get(_device_key(device), {}).get(_decision_key(key))
     choice = entry.get("choice") if isinstance(entry, dict) else None
-    names = key[5]  # (spec, values shape, out, in, rows, names, mode)
-    return choice if choice in names else None
+    return choice if choice in key.candidates else None
 
 
-def _save_choice(key: tuple, device: torch.device, times: dict[str, float]) -> None:
+def _save_choice(key: Decision, device: torch.device, times: dict[str, float]) -> None:
     path = auto_cache_path()
     if path is None or device.type != "cuda":
         return
