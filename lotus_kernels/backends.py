@@ -44,6 +44,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import weight_cache
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -302,31 +304,25 @@ def autocast_operands(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor 
     return x.to(dtype), values.to(dtype), bias.to(dtype) if bias is not None else None
 
 
-def cached_weight(module, name: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``build()`` (under no_grad), cached on the module until its stored weight changes.
-
-    The cache key is the identity and version counter of every tensor of the
-    layout (values and index buffers): an optimizer step, load_state_dict,
-    set_weight_ or .to() changes it. Not a buffer: never in state_dict.
-    """
-    key = module.layout_key()
-    cache = module.__dict__.setdefault("_weight_cache", {})
-    hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        with torch.no_grad():
-            hit = cache[name] = (key, build())
-    return hit[1]
-
-
 def _dense_forward(module, x: torch.Tensor) -> torch.Tensor:
-    if (torch.is_grad_enabled() and module.values.requires_grad) or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and module.values.requires_grad:
         # Training: rebuilt so gradients reach the stored values (an O(out*in)
-        # pass, small next to the matmul). Compiled: the graph rebuilds it too,
-        # since a cache the trace baked in would go stale after an update.
-        weight = module.to_dense()
-    else:
-        weight = cached_weight(module, "dense", module.to_dense)
-    return apply_activation(module, F.linear(x, weight, module.bias))
+        # pass, small next to the matmul).
+        return apply_activation(module, F.linear(x, module.to_dense(), module.bias))
+    # Inference: the dense weight in the compute dtype, made once per weight
+    # state (lotus_kernels.weight_cache); compiled, through the op that looks it
+    # up at run time.
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    bias = module.bias.to(x.dtype) if module.bias is not None else None
+    shape = (module.out_features, module.in_features)
+    with torch.autocast(x.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            y = weight_cache.dense_linear_cached(x, module.values, list(module.index_tensors()), bias, module.pattern, *shape)
+        else:
+            weight = weight_cache.dense_weight(module.pattern, module.values, module.index_tensors(), shape, x.dtype)
+            y = F.linear(x, weight, bias)
+    return apply_activation(module, y)
 
 
 register_backend(

@@ -10,12 +10,13 @@ y = x @ W^T + b we compute (W @ x^T)^T:
 ``torch._cslt_sparse_mm(packed_W [N, K], x^T [K, M], bias, transpose_result=True)``
 returns [M, N] directly; x^T is a view of a row-major x (no copy). The packed
 weight is made by ``torch._cslt_compress`` from our (values, metadata) once
-and cached on the module until the weights change (an optimizer step, a
-load): never per call. Under a torch.compile trace it is packed inside the
-graph on every call instead, since a cache baked into a graph would go stale.
+per weight state (after an optimizer step, a load, a re-prune), never per
+call: the op keeps it, keyed on the stored parameter, and looks it up at run
+time, so a torch.compile'd model packs once too instead of in every call.
 
 The library algorithm (alg_id) is chosen once per (weight shape, dtype,
-rows of x rounded up to a power of two) by ``torch._cslt_sparse_mm_search``.
+rows of x rounded up to a power of two) by ``torch._cslt_sparse_mm_search``,
+also at run time, compiled or not.
 
 Constraints (torch's cuSPARSELt binding; checked by ``why_not``): CUDA
 device of compute capability >= 8.0 and torch built with cuSPARSELt; fp16 or
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 
 from . import ops
 from .mask_compaction import decompress_2to4_ref
-from .backends import Backend, LayerSpec, apply_activation, autocast_operands, cached_weight, register_backend, rows_bucket
+from .weight_cache import CUDAGRAPH_UNSAFE, derived
+from .backends import Backend, LayerSpec, apply_activation, register_backend, rows_bucket
 
 CUSPARSELT_DTYPES = (torch.float16, torch.bfloat16)
 # torch.sparse.SparseSemiStructuredTensorCUSPARSELT's minimum shapes for fp16/bf16:
@@ -85,31 +87,55 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-@torch.library.custom_op("lotus_kernels::cusparselt_matmul", mutates_args=())
-def _cusparselt_matmul(
-    x: torch.Tensor, packed: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, bias: torch.Tensor | None, alg_id: int
-) -> torch.Tensor:
-    # values/metadata are inputs only for the backward (packed is derived from them).
+def packed(values: torch.Tensor, metadata: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 2:4 weight (values [N, K/2], metadata) in cuSPARSELt's packed format, in ``dtype``.
+
+    Packed once per weight state and found at run time, compiled or not
+    (lotus_kernels.weight_cache says how and why).
+    """
+    return derived(f"cusparselt-{dtype}", values, (metadata,), lambda: _compress(_dense_weight(values.detach().to(dtype), metadata)))
+
+
+def _alg_id(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """cuSPARSELt's fastest algorithm for this product, searched once per (shape, dtype, rows bucket)."""
+    key = (tuple(weight.shape), x.shape[1], x.dtype, x.device, rows_bucket(x.shape[0]), bias is not None)
+    if key not in _ALG_IDS:
+        try:
+            _ALG_IDS[key] = _search(weight, _pad_rows(x).t(), bias)
+        except RuntimeError:
+            _ALG_IDS[key] = 0  # the library's default algorithm always runs
+    return _ALG_IDS[key]
+
+
+@torch.library.custom_op("lotus_kernels::cusparselt_matmul", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
+def _cusparselt_matmul(x: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T + bias for the 2:4 weight W of (values [N, K/2], metadata).
+
+    x and bias are in the compute dtype; values is the stored parameter in
+    its own dtype (cast inside, once per weight state, with the packing).
+    """
     m = x.shape[0]
+    weight = packed(values, metadata, x.dtype)
+    alg_id = _alg_id(weight, x, bias)
     x_t = _pad_rows(x).t()
     try:
-        y = _sparse_mm(packed, x_t, bias, alg_id)
+        y = _sparse_mm(weight, x_t, bias, alg_id)
     except RuntimeError:
         # The searched algorithm is shared by every M of a power-of-two bucket; should
         # one M refuse it, the library's default algorithm (0) runs every shape.
         if alg_id == 0:
             raise
-        y = _sparse_mm(packed, x_t, bias, 0)
+        y = _sparse_mm(weight, x_t, bias, 0)
     return y[:m].contiguous() if y.shape[0] != m else y
 
 
 @_cusparselt_matmul.register_fake
-def _(x, packed, values, metadata, bias, alg_id):
+def _(x, values, metadata, bias):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    x, _, values, metadata, bias, _ = inputs
+    x, values, metadata, bias = inputs
     ctx.save_for_backward(x, values, metadata)
     ctx.has_bias = bias is not None
 
@@ -118,12 +144,12 @@ def _backward(ctx, grad):
     x, values, metadata = ctx.saved_tensors
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad @ _dense_weight(values, metadata)
-    if ctx.needs_input_grad[2]:
-        grad_values = ops.semi_structured_values_grad(grad, x, metadata)
-    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_x = grad @ _dense_weight(values.to(grad.dtype), metadata)
+    if ctx.needs_input_grad[1]:
+        grad_values = ops.semi_structured_values_grad(grad, x, metadata).to(values.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
-    return grad_x, None, grad_values, None, grad_bias, None
+    return grad_x, grad_values, None, grad_bias
 
 
 _cusparselt_matmul.register_autograd(_backward, setup_context=_setup)
@@ -162,40 +188,21 @@ def why_not(spec: LayerSpec) -> str | None:
 
 
 def packed_weight(module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The module's 2:4 weight in cuSPARSELt's packed format, in ``dtype`` (default: the weight's).
-
-    Cached per dtype until the weights change.
-    """
-    dtype = dtype or module.values.dtype
-
-    def pack():
-        return _compress(_dense_weight(module.values.detach().to(dtype), module.metadata))
-
-    if torch.compiler.is_compiling():
-        return pack()
-    return cached_weight(module, f"cusparselt-{dtype}", pack)
-
-
-def _alg_id(packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> int:
-    if torch.compiler.is_compiling():
-        return 0
-    key = (tuple(packed.shape), x.shape[1], x.dtype, x.device, rows_bucket(x.shape[0]), bias is not None)
-    if key not in _ALG_IDS:
-        try:
-            _ALG_IDS[key] = _search(packed, _pad_rows(x).t(), bias)
-        except RuntimeError:
-            _ALG_IDS[key] = 0  # the library's default algorithm always runs
-    return _ALG_IDS[key]
+    """The module's 2:4 weight in cuSPARSELt's packed format, in ``dtype`` (default: the weight's); see ``packed``."""
+    return packed(module.values, module.metadata, dtype or module.values.dtype)
 
 
 def cusparselt_linear(module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` through cuSPARSELt: x [..., in_features] -> [..., out_features] (differentiable)."""
-    x, values, bias = autocast_operands(x, module.values, module.bias)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+    bias = module.bias.to(x.dtype) if module.bias is not None else None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, module.in_features).contiguous()
     with torch.autocast(x.device.type, enabled=False):
-        packed = packed_weight(module, x2.dtype)
-        y = _cusparselt_matmul(x2, packed, values, module.metadata, bias, _alg_id(packed, x2, bias))
+        # The stored values go in uncast: the op keys its packed copy on them.
+        y = _cusparselt_matmul(x2, module.values, module.metadata, bias)
     return apply_activation(module, y.reshape(*lead, module.out_features))
 
 

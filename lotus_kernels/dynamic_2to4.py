@@ -456,7 +456,8 @@ class Dynamic2to4:
         new_values, new_metadata = compress_2to4_ref(shadow, _slots_to_mask(new_slots, module.in_features))
         values = module.values
         # In place: the Parameter object (and the optimizer's reference to it) stays the same.
-        values.data.copy_(new_values.to(values.dtype))
+        # Not through .data: the version counter must move so derived copies (weight_cache) are rebuilt.
+        values.copy_(new_values.to(values.dtype))
         module.metadata.copy_(new_metadata)
         per_slot = [t for t in optimizer.state.get(values, {}).values() if isinstance(t, torch.Tensor) and t.shape == values.shape]
         if values.grad is not None:

@@ -166,3 +166,39 @@ def decompress_2to4_ref(values: torch.Tensor, metadata: torch.Tensor, *, validat
     dense = values.new_zeros(rows, cols // 4, 4)
     dense = dense.scatter(-1, slots, values.reshape(rows, cols // 4, 2))
     return dense.reshape(rows, cols)
+
+
+def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [R, C] -> uint8 [R, ceil(C/8)], column j at bit j % 8 of byte j // 8."""
+    rows, cols = mask.shape
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -cols % 8))
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    return (padded.reshape(rows, -1, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 [R, ceil(C/8)] -> bool [R, C]."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    return ((packed[..., None] >> shifts) & 1).bool().reshape(packed.shape[0], -1)[:, :cols]
+
+
+def dense_weight_ref(
+    pattern: str, values: torch.Tensor, indices: tuple[torch.Tensor, ...], shape: tuple[int, int]
+) -> torch.Tensor:
+    """The masked dense weight [out, in] of a stored SparseLinear layout; differentiable w.r.t. values.
+
+    indices per pattern: "block" (crow_indices, col_indices), "2:4"
+    (metadata,), "unstructured" (packed_mask,). Layouts checked when they were
+    made or loaded are not checked again (no host sync: this runs under
+    torch.compile and in every training step).
+    """
+    if pattern == "block":
+        crow_indices, col_indices = indices
+        return bsr_to_dense_ref(crow_indices, col_indices, values, shape)
+    if pattern == "2:4":
+        (metadata,) = indices
+        return decompress_2to4_ref(values, metadata, validate=False)
+    if pattern == "unstructured":
+        (packed_mask,) = indices
+        return values.new_zeros(shape).masked_scatter(unpack_mask_bits(packed_mask, shape[1]), values)
+    raise ValueError(f"dense_weight_ref: pattern must be 'block', '2:4' or 'unstructured', got {pattern!r}")

@@ -30,11 +30,12 @@ import torch.nn as nn
 from . import backends, ops
 from .mask_compaction import (
     bsr_row_indices,
-    bsr_to_dense_ref,
     check_2to4_metadata,
     compress_2to4_ref,
-    decompress_2to4_ref,
+    dense_weight_ref,
+    pack_mask_bits,
     unpack_2to4_slots,
+    unpack_mask_bits,
 )
 from .masks import (
     PATTERNS,
@@ -92,20 +93,6 @@ def _check_layout(pattern: str, in_features: int, out_features: int, block_size:
             f"pattern 'block' needs (out_features, in_features) = ({out_features}, {in_features}) "
             f"divisible by block_size {block_size}"
         )
-
-
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool [R, C] -> uint8 [R, ceil(C/8)], column j at bit j % 8 of byte j // 8."""
-    rows, cols = mask.shape
-    padded = nn.functional.pad(mask.to(torch.uint8), (0, -cols % 8))
-    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
-    return (padded.reshape(rows, -1, 8) << shifts).sum(-1, dtype=torch.uint8)
-
-
-def _unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """uint8 [R, ceil(C/8)] -> bool [R, C]."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    return ((packed[..., None] >> shifts) & 1).bool().reshape(packed.shape[0], -1)[:, :cols]
 
 
 class SparseLinear(nn.Module):
@@ -260,7 +247,7 @@ class SparseLinear(nn.Module):
             values, self.metadata = ops.compress_2to4(weight, mask)
         else:
             values = weight.masked_select(mask)
-            self.packed_mask = _pack_bits(mask)
+            self.packed_mask = pack_mask_bits(mask)
         self.values = nn.Parameter(values)
         return self
 
@@ -268,14 +255,12 @@ class SparseLinear(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The masked dense weight [out, in]; differentiable w.r.t. ``values``."""
-        shape = (self.out_features, self.in_features)
-        if self.pattern == "block":
-            return bsr_to_dense_ref(self.crow_indices, self.col_indices, self.values, shape)
-        if self.pattern == "2:4":
-            # The metadata was checked when it was built or loaded.
-            return decompress_2to4_ref(self.values, self.metadata, validate=False)
-        dense = self.values.new_zeros(shape)
-        return dense.masked_scatter(_unpack_bits(self.packed_mask, self.in_features), self.values)
+        return dense_weight_ref(self.pattern, self.values, self.index_tensors(), (self.out_features, self.in_features))
+
+    def index_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The layout's index buffers: (crow_indices, col_indices), (metadata,) or (packed_mask,)."""
+        names = {"block": ("crow_indices", "col_indices"), "2:4": ("metadata",), "unstructured": ("packed_mask",)}
+        return tuple(getattr(self, n) for n in names[self.pattern])
 
     def mask(self) -> torch.Tensor:
         """The keep-mask bool [out, in] (for 2:4: the coded slots)."""
@@ -290,7 +275,7 @@ class SparseLinear(nn.Module):
             slots = unpack_2to4_slots(self.metadata, self.in_features)
             keep = torch.zeros(self.out_features, self.in_features // 4, 4, dtype=torch.bool, device=slots.device)
             return keep.scatter(-1, slots, True).reshape(self.out_features, self.in_features)
-        return _unpack_bits(self.packed_mask, self.in_features)
+        return unpack_mask_bits(self.packed_mask, self.in_features)
 
     @property
     def density(self) -> float:
@@ -343,29 +328,6 @@ class SparseLinear(nn.Module):
             self.pattern, like.device, dtype, self.block_size if self.pattern == "block" else None,
             (self.out_features, self.in_features),
         )
-
-    def layout_key(self) -> tuple:
-        """Changes whenever the stored weight may have: (identity, version) of values and index buffers.
-
-        Backends key caches derived from the weight on it (a dense copy, a
-        cuSPARSELt-packed copy); optimizer steps, load_state_dict, set_weight_
-        and .to() all change it.
-        """
-        names = {"block": ("values", "crow_indices", "col_indices"), "2:4": ("values", "metadata"), "unstructured": ("values", "packed_mask")}
-        tensors = [getattr(self, n) for n in names[self.pattern]]
-        return tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in tensors)
-
-    def _apply(self, fn, *args, **kwargs):
-        # Derived copies would not follow the move/cast: drop them (rebuilt on next use).
-        self.__dict__.pop("_weight_cache", None)
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):
-        # deepcopy / pickle: the caches are derived data, not state.
-        state = super().__getstate__()
-        state = dict(state)
-        state.pop("_weight_cache", None)
-        return state
 
     def block_structure(self) -> ops.BlockSparseStructure:
         """Block pattern: the index structure the kernel backends walk besides the BSR triple.
@@ -473,7 +435,7 @@ class SparseLinear(nn.Module):
                 return None
             if packed.shape != self.packed_mask.shape or packed.dtype != torch.uint8:
                 return f"saved packed_mask has shape {tuple(packed.shape)}, expected {tuple(self.packed_mask.shape)}"
-            kept = int(_unpack_bits(packed, self.in_features).sum())
+            kept = int(unpack_mask_bits(packed, self.in_features).sum())
             if values.shape != (kept,):
                 return f"saved values hold {tuple(values.shape)} entries but the saved mask keeps {kept}"
         return None

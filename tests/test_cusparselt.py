@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lotus_kernels import SparseLinear, backends, cusparselt
+from lotus_kernels import SparseLinear, backends, cusparselt, weight_cache
 from lotus_kernels.backends import LayerSpec
 
 
@@ -45,6 +45,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(cusparselt, "_sparse_mm", lib.sparse_mm)
     monkeypatch.setattr(cusparselt, "_search", lib.search)
     monkeypatch.setattr(cusparselt, "_ALG_IDS", {})
+    monkeypatch.setattr(weight_cache, "_CACHE", {})
+    torch._dynamo.reset()  # other tests compile SparseLinear too: stay under dynamo's recompile limit
     return lib
 
 
@@ -117,8 +119,7 @@ def test_a_failing_search_falls_back_to_the_default_algorithm(fake, monkeypatch)
 def test_the_custom_op_passes_opcheck(fake):
     ours, _ = layer_pair(64, 32)
     x = torch.randn(8, 64, requires_grad=True)
-    packed = cusparselt.packed_weight(ours)
-    args = (x, packed, ours.values, ours.metadata, ours.bias, 0)
+    args = (x, ours.values, ours.metadata, ours.bias)
     torch.library.opcheck(torch.ops.lotus_kernels.cusparselt_matmul.default, args)
 
 
@@ -167,13 +168,23 @@ def test_cuda_matches_the_reference(dtype, m, k, n):
 
 
 @pytest.mark.cuda
-def test_cuda_compiles_without_graph_breaks():
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_cuda_compiles_without_graph_breaks_packs_once_and_follows_updates(mode, monkeypatch):
     if cusparselt.why_not(LayerSpec("2:4", torch.device("cuda"), torch.float16, None, (64, 64))):
         pytest.skip("no cuSPARSELt here")
+    calls = []
+    compress = cusparselt._compress
+    monkeypatch.setattr(cusparselt, "_compress", lambda dense: calls.append(1) or compress(dense))
     layer = SparseLinear.from_dense(torch.nn.Linear(64, 64).cuda().half(), "2:4", backend="cusparselt")
-    x = torch.randn(16, 64, device="cuda", dtype=torch.float16)
-    compiled = torch.compile(layer, fullgraph=True)
-    torch.testing.assert_close(compiled(x), F.linear(x, layer.to_dense(), layer.bias), rtol=5e-3, atol=5e-3)
+    compiled = torch.compile(layer, fullgraph=True, mode=mode)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(16, 64, device="cuda", dtype=torch.float16)
+            torch.testing.assert_close(compiled(x), F.linear(x, layer.to_dense(), layer.bias), rtol=5e-3, atol=5e-3)
+        assert len(calls) == 1
+        layer.values.mul_(-1)  # a CUDA graph replay would miss this; the op is kept out of graphs
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.to_dense(), layer.bias), rtol=5e-3, atol=5e-3)
+    assert len(calls) == 2
 
 
 def test_backward_and_packing_never_sync_with_the_host(fake, monkeypatch):
@@ -205,3 +216,67 @@ def test_a_searched_algorithm_an_other_row_count_refuses_falls_back_to_the_defau
     torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x32), ref(x32), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x20), ref(x20), rtol=1e-5, atol=1e-5)
     assert fake.searched == 1 and used == [3, 3, 0]
+
+
+# ------------------------------------------- the packed copy under torch.compile
+
+
+class Wrapped(torch.nn.Module):
+    """Calls the cusparselt backend directly (its why_not refuses a CPU when SparseLinear dispatches)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return cusparselt.cusparselt_linear(self.layer, x)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_inference_packs_once_and_searches_the_algorithm(fake, compiler):
+    ours, ref = layer_pair(64, 32)
+    compiled = torch.compile(Wrapped(ours), backend=compiler, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(6, 64)
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+        # Before: packed inside the graph on every call, and alg_id 0 without a search.
+        assert (fake.compressed, fake.searched) == (1, 1)
+        ours.values.mul_(2)  # an in-place update the compiled graph cannot see
+        x = torch.randn(6, 64)
+        torch.testing.assert_close(compiled(x), F.linear(x, ours.to_dense(), ours.bias), rtol=1e-5, atol=1e-5)
+    assert fake.compressed == 2
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_training_repacks_once_per_step_and_learns_the_same(fake, compiler):
+    ours, ref = layer_pair(64, 32)
+    compiled = torch.compile(Wrapped(ours), backend=compiler, fullgraph=True)
+    opt, opt_ref = torch.optim.SGD(ours.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    for step in range(3):
+        x = torch.randn(9, 64)
+        for module, fn, o in ((ours, compiled, opt), (ref, ref, opt_ref)):
+            o.zero_grad()
+            fn(x).square().mean().backward()
+            o.step()
+        assert fake.compressed == step + 1
+    torch.testing.assert_close(ours.values, ref.values, rtol=1e-5, atol=1e-6)
+    assert bool((ours.to_dense()[~ours.mask()] == 0).all())
+
+
+def test_autocast_packs_the_cast_weight_once(fake):
+    ours, ref = layer_pair(64, 32)
+    x = torch.randn(5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = [cusparselt.cusparselt_linear(ours, x) for _ in range(3)]
+        y_ref = ref(x)
+    assert ys[0].dtype == torch.bfloat16 and fake.compressed == 1
+    torch.testing.assert_close(ys[-1].float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    assert ours.values.dtype == torch.float32  # the stored weight is never cast in place
+
+
+def test_the_op_is_kept_out_of_cuda_graphs():
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    assert torch.Tag.cudagraph_unsafe in torch.ops.lotus_kernels.cusparselt_matmul.default.tags

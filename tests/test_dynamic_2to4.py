@@ -202,6 +202,27 @@ def test_forced_reprune_mask_is_top2_of_shadow_and_values_are_the_shadow():
     assert hook.changed_fraction == result.changed_groups / 90
 
 
+def test_a_reprune_moves_the_version_counter_so_cached_weights_follow():
+    # The dense and cuSPARSELt backends keep copies keyed on values' version; a re-prune
+    # that wrote through .data would leave them serving the old weights.
+    layer = sparse(36, 16)
+    layer.backend = "dense"
+    model = nn.Sequential(layer)
+    hook = Dynamic2to4(model, every=1, dense_weights={"0": torch.randn(16, 36)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(4, 36)
+    with torch.no_grad():
+        model(x)  # fills the cache
+    model(torch.randn(6, 36)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    version = layer.values._version
+    assert hook(1, model, optimizer).changed_groups > 0
+    assert layer.values._version > version
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.linear(x, layer.to_dense(), layer.bias))
+
+
 def test_exact_ties_keep_the_current_slots():
     # Row: |-0.5| (pruned, slot 0) ties with 0.5 (kept, slot 1). nm_mask would take the earlier slot 0.
     layer = SparseLinear.from_dense(nn.Linear(4, 1, bias=False), "2:4", backend="reference")
