@@ -107,7 +107,7 @@ def _alg_id(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) ->
     return _ALG_IDS[key]
 
 
-@torch.library.custom_op("lotus_kernels::cusparselt_matmul", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
+@torch.library.custom_op("lotus_kernels::cusparselt_matmul", mutates_args=(), **CUDAGRAPH_UNSAFE)
 def _cusparselt_matmul(x: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T + bias for the 2:4 weight W of (values [N, K/2], metadata).
 

@@ -25,6 +25,7 @@ replays them without the lookup.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -36,8 +37,10 @@ from .mask_compaction import dense_weight_ref
 # (id(values), name) -> (weakref to values, state key, copy)
 _CACHE: dict[tuple, tuple] = {}
 
-# A CUDA graph replaying an op that reads this cache would skip the lookup.
-CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+# A CUDA graph replaying an op that reads this cache would skip the lookup. Keyword
+# arguments for torch.library.custom_op (empty on a torch without the tag).
+_TAG = getattr(torch.Tag, "cudagraph_unsafe", None)
+CUDAGRAPH_UNSAFE = {"tags": (_TAG,)} if _TAG is not None and "tags" in inspect.signature(torch.library.custom_op).parameters else {}
 
 
 def _state(values: torch.Tensor, indices: Sequence[torch.Tensor]) -> tuple:
@@ -82,7 +85,7 @@ def dense_weight(
     )
 
 
-@torch.library.custom_op("lotus_kernels::dense_linear_cached", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
+@torch.library.custom_op("lotus_kernels::dense_linear_cached", mutates_args=(), **CUDAGRAPH_UNSAFE)
 def dense_linear_cached(
     x: torch.Tensor,
     values: torch.Tensor,
