@@ -13,7 +13,9 @@ was made from. In-place updates (optimizers, load_state_dict, copy_ under
 no_grad) bump the version counter; .to() and set_weight_ change the address
 or the tensor. Writes through ``.data`` bypass the version counter (that is
 what .data is for): update the weights in place under ``torch.no_grad()``
-instead.
+instead. Tensors made under ``torch.inference_mode()`` have no version
+counter at all: for them the copy is made on every call (correct, not fast;
+build the model outside inference mode and run it inside).
 
 Why at run time. Under torch.compile the copy is looked up inside a custom
 op, whose body runs eagerly on every call with the module's own tensors:
@@ -59,11 +61,18 @@ def derived(
     name tells apart copies of one weight (e.g. "dense-torch.float16",
     "cusparselt-torch.bfloat16"). Never in state_dict, never pickled.
     """
+    if any(t.is_inference() for t in (values, *indices)):
+        # Made under torch.inference_mode: such tensors have no version counter, so an
+        # in-place update could not be seen. Correct first: built afresh on every call.
+        with torch.no_grad():
+            return build()
     slot = (id(values), name)
     state = _state(values, indices)
     hit = _CACHE.get(slot)
     if hit is None or hit[0]() is not values or hit[1] != state:
-        with torch.no_grad():
+        # A normal tensor even when first asked for under inference_mode, so that a later
+        # call outside it (input gradients through frozen weights) may save it for backward.
+        with torch.inference_mode(False), torch.no_grad():
             copy = build()
         # The id check above guards against a new tensor at a freed tensor's id; the
         # callback frees the copy with its tensor.

@@ -144,3 +144,26 @@ def test_copies_of_a_layer_do_not_share_its_cache(cache):
         ours.values.zero_()
         torch.testing.assert_close(twin(x), before)
         torch.testing.assert_close(ours(x), ours.bias.expand(4, -1))
+
+
+def test_layers_built_in_inference_mode_run_and_are_never_served_a_stale_copy(cache):
+    # Inference tensors have no version counter: the copy is rebuilt rather than trusted.
+    with torch.inference_mode():
+        ours = layer("2:4", backend="dense")
+        x = torch.randn(3, 64)
+        first = ours(x)
+        ours.values.mul_(2)
+        torch.testing.assert_close(ours(x), F.linear(x, ours.to_dense(), ours.bias))
+        assert not torch.equal(ours(x), first)
+    assert weight_cache._CACHE == {}
+
+
+def test_a_copy_first_made_in_inference_mode_serves_input_gradients_later(cache):
+    ours = layer("block", backend="dense").requires_grad_(False)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        ours(x)
+    x = x.clone().requires_grad_()
+    ours(x).sum().backward()
+    torch.testing.assert_close(x.grad, ours.to_dense().sum(0).expand(3, -1))
+    assert len(cache) == 1
