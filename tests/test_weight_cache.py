@@ -57,7 +57,7 @@ def test_derived_is_built_once_per_state_and_per_name():
 def test_a_copy_goes_with_its_tensor_and_is_never_served_to_another(monkeypatch):
     monkeypatch.setattr(weight_cache, "_CACHE", {})
     values = torch.randn(4, 8)
-    weight_cache.derived("x", values, (), lambda: values.clone())
+    weight_cache.derived("x", values, (), values.clone)
     assert weight_cache.cached_nbytes() == 4 * 8 * 4
     del values
     gc.collect()
@@ -167,3 +167,24 @@ def test_a_copy_first_made_in_inference_mode_serves_input_gradients_later(cache)
     ours(x).sum().backward()
     torch.testing.assert_close(x.grad, ours.to_dense().sum(0).expand(3, -1))
     assert len(cache) == 1
+
+
+def test_a_compiled_sparsified_vit_builds_each_layers_copy_once(cache):
+    timm = pytest.importorskip("timm")
+    from lotus_kernels import SparsityConfig, sparsify_
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10
+    ).eval()
+    dense_model = copy.deepcopy(model)
+    sparsify_(model, SparsityConfig("unstructured", sparsity=0.5, backend="dense"))
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs = [compiled(x) for _ in range(3)]
+        expected = model(x)
+    assert len(cache) == len(layers) > 0  # one dense copy per layer, not one per layer per call
+    torch.testing.assert_close(outputs[-1], expected)
+    assert not torch.allclose(expected, dense_model(x))  # half the weights really are gone
