@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bench_report import H100, fake_bench, fake_run, kernel_and_vit_run, write
+from test_bench_report import kernel_and_vit_run, write
 
 from lotus_kernels import bench_report
 

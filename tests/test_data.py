@@ -1,7 +1,6 @@
 """lotus_kernels.data: CIFAR-10 from every supported layout (on tiny fake data),
 the cache, the synthetic set, and DeviceLoader's order, sharding and augmentation."""
 
-import io
 import os
 import pickle
 import tarfile
