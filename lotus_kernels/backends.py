@@ -304,6 +304,14 @@ def autocast_operands(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor 
     return x.to(dtype), values.to(dtype), bias.to(dtype) if bias is not None else None
 
 
+def autocast_input(x: torch.Tensor, bias: torch.Tensor | None):
+    """(x, bias) in the compute dtype (autocast's when on for x's device, else x's), for
+    backends whose weight copy is cast once, when it is made (lotus_kernels.weight_cache)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return x, bias.to(x.dtype) if bias is not None else None
+
+
 def _dense_forward(module, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and module.values.requires_grad:
         # Training: rebuilt so gradients reach the stored values (an O(out*in)
@@ -312,9 +320,7 @@ def _dense_forward(module, x: torch.Tensor) -> torch.Tensor:
     # Inference: the dense weight in the compute dtype, made once per weight
     # state (lotus_kernels.weight_cache); compiled, through the op that looks it
     # up at run time.
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    bias = module.bias.to(x.dtype) if module.bias is not None else None
+    x, bias = autocast_input(x, module.bias)
     shape = (module.out_features, module.in_features)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .backends import Backend, LayerSpec, apply_activation, autocast_input, register_backend, rows_bucket
 from .mask_compaction import decompress_2to4_ref
 from .weight_cache import CUDAGRAPH_UNSAFE, derived
-from .backends import Backend, LayerSpec, apply_activation, register_backend, rows_bucket
 
 CUSPARSELT_DTYPES = (torch.float16, torch.bfloat16)
 # torch.sparse.SparseSemiStructuredTensorCUSPARSELT's minimum shapes for fp16/bf16:
@@ -194,10 +194,7 @@ def packed_weight(module, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def cusparselt_linear(module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` through cuSPARSELt: x [..., in_features] -> [..., out_features] (differentiable)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-    bias = module.bias.to(x.dtype) if module.bias is not None else None
+    x, bias = autocast_input(x, module.bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, module.in_features).contiguous()
     with torch.autocast(x.device.type, enabled=False):
