@@ -54,3 +54,21 @@ def compile_for_gpu(script: str) -> None:
 def devices():
     """CPU always; CUDA as a marked parameter."""
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def assert_compiled_backward_matches_eager(layer, x: torch.Tensor) -> None:
+    """A deep copy of ``layer`` under torch.compile (aot_eager, fullgraph) gives the eager
+    output and the gradients of x, values and bias to 1e-6."""
+    import copy
+
+    compiled_layer = copy.deepcopy(layer)
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
+    grad = torch.randn(*x.shape[:-1], layer.out_features, device=x.device, dtype=x.dtype)
+    results = []
+    for module, fn in ((layer, layer), (compiled_layer, compiled)):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, module.values.grad, module.bias.grad))
+    for eager, comp in zip(*results):
+        assert comp is not None and torch.allclose(comp, eager, rtol=0, atol=1e-6), (comp - eager).abs().max()

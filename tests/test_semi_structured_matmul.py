@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compile_for_gpu, triton_device
+from conftest import assert_compiled_backward_matches_eager, compile_for_gpu, triton_device
 
 from lotus_kernels import SparseLinear, masks, ops
 from lotus_kernels.triton.semi_structured_matmul import semi_structured_matmul_ref
@@ -182,22 +182,9 @@ def test_opcheck_backward_op_and_the_gelu_variant():
 
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 def test_compiled_backward_matches_eager(activation):
-    import copy
-
     torch.manual_seed(0)
     layer = SparseLinear.from_dense(torch.nn.Linear(64, 32, device=DEVICE), "2:4", backend="triton", activation=activation)
-    compiled_layer = copy.deepcopy(layer)
-    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
-    x = torch.randn(2, 5, 64, device=DEVICE)
-    grad = torch.randn(2, 5, 32, device=DEVICE)
-    results = []
-    for module, fn in ((layer, layer), (compiled_layer, compiled)):
-        xi = x.clone().requires_grad_()
-        y = fn(xi)
-        y.backward(grad)
-        results.append((y.detach(), xi.grad, module.values.grad, module.bias.grad))
-    for eager, comp in zip(*results):
-        assert comp is not None and torch.allclose(comp, eager, rtol=0, atol=1e-6), (comp - eager).abs().max()
+    assert_compiled_backward_matches_eager(layer, torch.randn(2, 5, 64, device=DEVICE))
 
 
 def test_device_mismatch_is_a_clear_error():
