@@ -68,6 +68,8 @@ PRUNABLE_LAYER_NAMES = frozenset({"qkv", "q", "k", "v", "kv", "proj", "fc1", "fc
 ACTIVATIONS = ("none", "gelu")
 # What the compaction ops accept (see csrc/mask_compaction.cpp: check_floating).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The index buffers of each layout beside ``values`` (module docstring's table).
+INDEX_BUFFERS = {"block": ("crow_indices", "col_indices"), "2:4": ("metadata",), "unstructured": ("packed_mask",)}
 _STATE_VERSION = 1
 
 
@@ -259,8 +261,7 @@ class SparseLinear(nn.Module):
 
     def index_tensors(self) -> tuple[torch.Tensor, ...]:
         """The layout's index buffers: (crow_indices, col_indices), (metadata,) or (packed_mask,)."""
-        names = {"block": ("crow_indices", "col_indices"), "2:4": ("metadata",), "unstructured": ("packed_mask",)}
-        return tuple(getattr(self, n) for n in names[self.pattern])
+        return tuple(getattr(self, n) for n in INDEX_BUFFERS[self.pattern])
 
     def mask(self) -> torch.Tensor:
         """The keep-mask bool [out, in] (for 2:4: the coded slots)."""
@@ -284,9 +285,7 @@ class SparseLinear(nn.Module):
 
     def compact_nbytes(self) -> int:
         """Bytes of the stored weight: values plus index structures (bias excluded)."""
-        names = {"block": ("crow_indices", "col_indices"), "2:4": ("metadata",), "unstructured": ("packed_mask",)}
-        tensors = [self.values] + [getattr(self, n) for n in names[self.pattern]]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in (self.values, *self.index_tensors()))
 
     def dense_nbytes(self) -> int:
         """Bytes the same weight takes as a dense nn.Linear (bias excluded)."""
