@@ -18,7 +18,7 @@
            newest pytest-benchmark file committed under --baseline-dir that
            ran on the same device and shares benchmarks with it. Runs from
            different devices are refused.
-    python -m lotus_kernels.bench_report [--baseline-dir DIR] NEW.json ...
+    lotus bench-report [--baseline-dir DIR] --compare-each NEW.json ...
         -> each file compared with its own baseline as above; a file without
            one is reported and passes (bench/run_gpu.sh's compare step).
 
@@ -59,7 +59,6 @@ __all__ = [
     "find_baseline",
     "compare_each",
     "run",
-    "main",
 ]
 
 REPORT_NAME = "bench_report.md"
@@ -679,11 +678,20 @@ def find_baseline(new, results_dir=DEFAULT_OUT) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def run(files: Sequence[str] = (), out=None, compare: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD, baseline_dir=DEFAULT_OUT) -> int:
+def run(
+    files: Sequence[str] = (),
+    out=None,
+    compare: Sequence[str] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    baseline_dir=DEFAULT_OUT,
+    compare_each_files: Sequence[str] | None = None,
+) -> int:
     """What ``lotus bench-report`` does; returns the exit code (0 fine, 1 regression). Bad input raises BenchReportError."""
+    if sum(bool(x) for x in (files, compare, compare_each_files)) > 1:
+        raise BenchReportError("give one of: files to report on, --compare, --compare-each")
+    if compare_each_files:
+        return compare_each(compare_each_files, baseline_dir, threshold)
     if compare:
-        if files:
-            raise BenchReportError("give either files to report on or --compare, not both")
         if len(compare) > 2:
             raise BenchReportError(f"--compare takes OLD.json NEW.json or NEW.json alone, got {len(compare)} files")
         if len(compare) == 1:
@@ -722,27 +730,3 @@ def compare_each(files: Sequence, baseline_dir=DEFAULT_OUT, threshold: float = D
         print(comparison.format(), end="\n\n")
         regressed = regressed or bool(comparison.regressions)
     return 1 if regressed else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lotus_kernels.bench_report [--baseline-dir DIR] [--threshold T] NEW.json ...``: compare_each.
-
-    bench/run_gpu.sh's compare step; ``lotus bench-report --compare NEW.json``
-    treats a missing baseline as an error instead (one file asked about).
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m lotus_kernels.bench_report", description=compare_each.__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", metavar="NEW.json")
-    parser.add_argument("--baseline-dir", default=str(DEFAULT_OUT), help="where committed runs live (default bench/results)")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="flag p50 more than this fraction slower (default 0.10)")
-    args = parser.parse_args(argv)
-    try:
-        return compare_each(args.files, args.baseline_dir, args.threshold)
-    except BenchReportError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

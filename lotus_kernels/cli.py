@@ -6,7 +6,7 @@
     lotus eval   --checkpoint FILE [--split test|train|val] [--set key=value ...]
     lotus report RUN_DIR
     lotus info   [--json]
-    lotus bench-report FILE.json ... [--out DIR] | --compare [OLD.json] NEW.json [--threshold 0.10]
+    lotus bench-report FILE.json ... [--out DIR] | --compare [OLD.json] NEW.json | --compare-each NEW.json ... [--threshold 0.10]
     lotus pipeline [--config FILE] [--data ...] [--preset ...] [--epochs N] [--set key=value ...] [--demo] [--out DIR]
     lotus ablate  (--from PIPELINE_RUN | --config FILE | --demo) [--variants NAME ...] [--set key=value ...] [--out DIR]
     lotus tickets --checkpoint DENSE.pt [--keep-ratio 0.5] [--mode online|fixed|random] [--epochs N] [--out DIR]
@@ -200,7 +200,10 @@ def _info(args) -> int:
 def _bench_report(args) -> int:
     from .bench_report import run
 
-    return run(args.files, out=args.out, compare=args.compare, threshold=args.threshold, baseline_dir=args.baseline_dir)
+    return run(
+        args.files, out=args.out, compare=args.compare, threshold=args.threshold, baseline_dir=args.baseline_dir,
+        compare_each_files=args.compare_each,
+    )
 
 
 def _pipeline_fields(args, base: dict | None = None) -> dict:
@@ -378,8 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", nargs="+", metavar="FILE.json",
         help="OLD.json NEW.json, or NEW.json alone (baseline: newest committed file of the same device in --baseline-dir)",
     )
-    bench.add_argument("--threshold", type=float, default=0.10, help="--compare: flag p50 more than this fraction slower (default 0.10)")
-    bench.add_argument("--baseline-dir", default="bench/results", help="--compare with one file: where committed runs live")
+    bench.add_argument(
+        "--compare-each", nargs="+", metavar="NEW.json",
+        help="each file against its own baseline in --baseline-dir; one without a baseline is reported and passes",
+    )
+    bench.add_argument("--threshold", type=float, default=0.10, help="--compare/--compare-each: flag p50 more than this fraction slower (default 0.10)")
+    bench.add_argument("--baseline-dir", default="bench/results", help="--compare with one file, --compare-each: where committed runs live")
     bench.set_defaults(func=_bench_report)
 
     pipeline = commands.add_parser("pipeline", help="the LOTUS method end to end: dense, tickets, ES, ISP, pattern, fine-tune, export")

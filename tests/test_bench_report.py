@@ -377,9 +377,11 @@ def test_baseline_must_share_benchmarks_and_compare_each_passes_without_one(tmp_
         bench_report.find_baseline(new_attn, results)
     assert bench_report.compare_each([new_attn], results) == 0
     assert "bench-attn.json: no baseline, nothing to compare" in capsys.readouterr().out
-    assert bench_report.main(["--baseline-dir", str(results), str(new_attn), str(new_vit)]) == 1
+    assert cli.main(["bench-report", "--baseline-dir", str(results), "--compare-each", str(new_attn), str(new_vit)]) == 1
     out = capsys.readouterr().out
     assert "no baseline" in out and "vit-old.json" in out and "REGRESSION" in out
-    assert bench_report.main(["--baseline-dir", str(results), str(new_vit), "--threshold", "0.6"]) == 0
-    assert bench_report.main(["--baseline-dir", str(tmp_path / "missing"), str(new_vit)]) == 2
+    assert cli.main(["bench-report", "--baseline-dir", str(results), "--threshold", "0.6", "--compare-each", str(new_vit)]) == 0
+    assert cli.main(["bench-report", "--baseline-dir", str(tmp_path / "missing"), "--compare-each", str(new_vit)]) == 2
     assert "baseline directory" in capsys.readouterr().err
+    with pytest.raises(bench_report.BenchReportError, match="one of"):
+        bench_report.run([str(new_vit)], compare_each_files=[str(new_vit)])
