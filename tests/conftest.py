@@ -72,3 +72,15 @@ def assert_compiled_backward_matches_eager(layer, x: torch.Tensor) -> None:
         results.append((y.detach(), xi.grad, module.values.grad, module.bias.grad))
     for eager, comp in zip(*results):
         assert comp is not None and torch.allclose(comp, eager, rtol=0, atol=1e-6), (comp - eager).abs().max()
+
+
+def strided(t: torch.Tensor, how: str = "every_other") -> torch.Tensor:
+    """The same values as t in a non-contiguous layout (1-d tensors: always every other element)."""
+    if how == "transposed_back" and t.dim() >= 2:  # e.g. a weight stored transposed and read back through .t()
+        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:  # every other element of a wider buffer
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        view = wide[..., ::2]
+    assert not view.is_contiguous() and torch.equal(view, t)
+    return view

@@ -8,7 +8,7 @@ small atol.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_compiled_backward_matches_eager, compile_for_gpu, triton_device
+from conftest import assert_compiled_backward_matches_eager, strided, compile_for_gpu, triton_device
 
 from lotus_kernels import SparseLinear, backends, masks, ops
 from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
@@ -130,18 +130,6 @@ def forward_backward(x, values, bias, run, grad):
     y = run(*leaves)
     y.backward(grad.to(y.dtype))
     return (y.detach(),) + tuple(None if t is None else t.grad for t in leaves)
-
-
-def strided(t, how="every_other"):
-    """The same values as t in a non-contiguous layout (1-d tensors: always every other element)."""
-    if how == "transposed_back" and t.dim() >= 2:  # e.g. a weight stored transposed and read back through .t()
-        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    else:  # every other element of a wider buffer
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        view = wide[..., ::2]
-    assert not view.is_contiguous() and torch.equal(view, t)
-    return view
 
 
 @pytest.mark.parametrize("how", ["transposed_back", "every_other"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_compiled_backward_matches_eager, compile_for_gpu, triton_device
+from conftest import assert_compiled_backward_matches_eager, strided, compile_for_gpu, triton_device
 
 from lotus_kernels import SparseLinear, masks, ops
 from lotus_kernels.triton.semi_structured_matmul import semi_structured_matmul_ref
@@ -105,18 +105,6 @@ def test_backward_over_shapes_and_dtypes(m, k, n, dtype):
 )
 def test_backward_without_bias_and_fp16_gelu(dtype, with_bias, activation):
     check_forward_backward(24, 64, 128, dtype, with_bias, activation, seed=3)
-
-
-def strided(t, how="every_other"):
-    """The same values as t in a non-contiguous layout (1-d tensors: always every other element)."""
-    if how == "transposed_back" and t.dim() >= 2:  # stored transposed, read back through .t()
-        view = t.t().contiguous().t()
-    else:  # every other element of a wider buffer
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        view = wide[..., ::2]
-    assert not view.is_contiguous() and torch.equal(view, t)
-    return view
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu"])
