@@ -9,6 +9,9 @@ and the Triton tests run their kernels on CUDA tensors instead.
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Compiled kernels (TRITON_INTERPRET=0) run one config each, untimed: correctness does not depend on the
+# tile, and autotuning every config of every kernel variant is what made the CUDA suite too slow for a lease.
+os.environ.setdefault("LOTUS_AUTOTUNE", "off")
 # "auto" backend decisions are not persisted from tests (a test opts in with a tmp dir).
 os.environ["LOTUS_AUTO_CACHE"] = "0"
 

@@ -394,7 +394,7 @@ from triton.backends.compiler import GPUTarget
 from lotus_kernels.triton import block_sparse_matmul as k
 
 matmul_args = ["x_ptr", "values_ptr", "crow_ptr", "col_ptr", "source_ptr", "row_order_ptr", "bias_ptr", "y_ptr", "pre_ptr"]
-ints = ["M", "stride_xm", "stride_xk", "stride_ym", "stride_yn", "M_BUCKET", "N", "K", "NNZ"]
+ints = ["M", "stride_xm", "stride_xk", "stride_ym", "stride_yn", "M_BUCKET", "N", "K", "NNZ_BUCKET"]
 # fp32 compiles twice: "ieee" is the default (torch's "highest" fp32 matmul
 # precision), "tf32" follows torch.set_float32_matmul_precision("high").
 cases = [(d, "tf32") for d in ("fp16", "bf16", "fp32")] + [("fp32", "ieee")]
@@ -407,7 +407,7 @@ for arch, (dtype, precision), transposed in itertools.product((80, 90), cases, (
     triton.compile(ASTSource(k._bsr_matmul_kernel, signature, constexprs=const), target=GPUTarget("cuda", arch, 32),
                    options={"num_warps": 4, "num_stages": 3})
     signature = {"dy_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "row_ptr": "*i64", "col_ptr": "*i64", "dvalues_ptr": f"*{dtype}"}
-    signature.update({name: "i32" for name in ("M", "M_PER_SPLIT", "stride_dym", "stride_dyn", "stride_xm", "stride_xk", "M_BUCKET", "NNZ", "SPLITS")})
+    signature.update({name: "i32" for name in ("M", "M_PER_SPLIT", "stride_dym", "stride_dyn", "stride_xm", "stride_xk", "NNZ", "M_BUCKET", "NNZ_BUCKET", "SPLITS")})
     const = {"BH": 32, "BW": 64, "BLOCK_M": 128, "INPUT_PRECISION": precision, "INTERPRETED": False}
     signature.update({name: "constexpr" for name in const})
     for out in (dtype, "fp32"):  # dW itself, or the fp32 partials of a split M

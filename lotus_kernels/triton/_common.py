@@ -1,16 +1,51 @@
-"""What the Triton kernel files share: the interpreter switch, the epilogues, the dot precision."""
+"""What the Triton kernel files share: the interpreter switch, the autotuning policy, the epilogues, the dot precision."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+# Autotuning keys by shape class (a power of two), so that a batch size, a keep
+# ratio or a pruning level that moves a size a little reuses the tuned config;
+# the same classes "auto" decides by.
+from ..backends import rows_bucket as bucket  # noqa: F401  (re-exported for the kernel files)
+
 # Triton reads TRITON_INTERPRET when it is imported; so do we.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACTIVATIONS = ("none", "gelu")
+
+# How hard the kernels autotune, read once at import like TRITON_INTERPRET:
+#   "full" (default): every config of a kernel, for the best speed;
+#   "quick": a few configs per kernel (lotus gpu-check: a 15-minute lease
+#            cannot spend 10-25 s per kernel variant compiling configs);
+#   "off": one config, compiled once, never timed (the CUDA test suite:
+#          correctness does not depend on the tile).
+AUTOTUNE_MODES = ("full", "quick", "off")
+AUTOTUNE = os.environ.get("LOTUS_AUTOTUNE", "full")
+if AUTOTUNE not in AUTOTUNE_MODES:
+    raise ValueError(f"LOTUS_AUTOTUNE must be one of {AUTOTUNE_MODES}, got {AUTOTUNE!r}")
+# Triton >= 3.2 can keep autotuning results in its on-disk cache, so a second
+# process (the next gpu-check step, the next test worker) does not time again.
+_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotune_configs(configs: list, quick: tuple[int, ...]) -> list:
+    """The configs to autotune over under LOTUS_AUTOTUNE: all, the ``quick`` subset (indices into
+    ``configs``), or the first of that subset alone (``off``)."""
+    if AUTOTUNE == "full":
+        return list(configs)
+    chosen = [configs[i] for i in quick]
+    return chosen if AUTOTUNE == "quick" else chosen[:1]
+
+
+def autotune(kernel, configs: list, key: list[str], quick: tuple[int, ...]):
+    """``triton.autotune`` over ``autotune_configs(configs, quick)``, results cached on disk where Triton can."""
+    extra = {"cache_results": True} if _CACHE_RESULTS else {}
+    return triton.autotune(autotune_configs(configs, quick), key=key, **extra)(kernel)
 
 
 @triton.jit

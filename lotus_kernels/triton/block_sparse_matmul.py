@@ -30,8 +30,7 @@ import triton
 import triton.language as tl
 
 from ..mask_compaction import bsr_to_dense_ref
-from ._common import ACTIVATIONS, INTERPRET, gelu, input_precision, packed
-
+from ._common import ACTIVATIONS, INTERPRET, autotune, bucket, gelu, input_precision, packed
 
 
 # ---------------------------------------------------------------------------
@@ -92,7 +91,7 @@ def _bsr_matmul_kernel(
     x_ptr, values_ptr, crow_ptr, col_ptr, source_ptr, row_order_ptr, bias_ptr, y_ptr, pre_ptr,
     M,
     stride_xm, stride_xk, stride_ym, stride_yn,
-    M_BUCKET, N, K, NNZ,  # autotuning keys only
+    M_BUCKET, N, K, NNZ_BUCKET,  # autotuning keys only
     BH: tl.constexpr, BW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     TRANSPOSED: tl.constexpr,  # walk W^T's structure (dx = dy @ W)
@@ -162,7 +161,8 @@ def _bsr_sdd_kernel(
     dy_ptr, x_ptr, row_ptr, col_ptr, dvalues_ptr,
     M, M_PER_SPLIT,
     stride_dym, stride_dyn, stride_xm, stride_xk,
-    M_BUCKET, NNZ, SPLITS,  # autotuning keys only
+    NNZ,
+    M_BUCKET, NNZ_BUCKET, SPLITS,  # autotuning keys only
     BH: tl.constexpr, BW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -197,15 +197,11 @@ def _bsr_sdd_kernel(
 # ---------------------------------------------------------------------------
 
 
-
-def _m_bucket(m: int) -> int:
-    """Rows rounded up to a power of two: the autotuner tunes once per bucket, not per batch size."""
-    return 1 << max(0, (m - 1).bit_length())
-
-
 # Tile M, warps and pipelining depth. Small tiles serve inference at small
 # batch (less padding), large ones training-size M (more reuse of each weight
-# block). Tuned per (M bucket, N, K, nnz) and block shape on first use.
+# block). Tuned per shape class (M and nnz rounded up to powers of two, N, K)
+# and block shape on first use; LOTUS_AUTOTUNE=quick tunes over the
+# ``quick`` subset, =off runs its first config untimed (_common.autotune).
 _MATMUL_CONFIGS = [
     triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
     for block_m, warps, stages in [
@@ -217,6 +213,9 @@ _SDD_CONFIGS = [
     triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
     for block_m, warps, stages in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
 ]
+# LOTUS_AUTOTUNE=quick: a middle tile (also "off"'s single config), then a small-M and a large-M one.
+_MATMUL_QUICK = (2, 0, 6)
+_SDD_QUICK = (1, 4)
 
 if INTERPRET:
     # One fixed config: the interpreter is slow and its timings mean nothing.
@@ -225,10 +224,10 @@ if INTERPRET:
     _sdd = _bsr_sdd_kernel
 else:
     _INTERPRETER_META = {}
-    _matmul = triton.autotune(_MATMUL_CONFIGS, key=["M_BUCKET", "N", "K", "NNZ", "BH", "BW", "TRANSPOSED", "ACTIVATION"])(
-        _bsr_matmul_kernel
+    _matmul = autotune(
+        _bsr_matmul_kernel, _MATMUL_CONFIGS, ["M_BUCKET", "N", "K", "NNZ_BUCKET", "BH", "BW", "TRANSPOSED", "ACTIVATION"], _MATMUL_QUICK
     )
-    _sdd = triton.autotune(_SDD_CONFIGS, key=["M_BUCKET", "NNZ", "SPLITS", "BH", "BW"])(_bsr_sdd_kernel)
+    _sdd = autotune(_bsr_sdd_kernel, _SDD_CONFIGS, ["M_BUCKET", "NNZ_BUCKET", "SPLITS", "BH", "BW"], _SDD_QUICK)
 
 
 def bsr_matmul(
@@ -271,7 +270,7 @@ def bsr_matmul(
         y, pre if pre is not None else y,
         m,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        _m_bucket(m), out_features, k, values.shape[0],
+        bucket(m), out_features, k, bucket(values.shape[0]),
         BH=bh, BW=bw,
         TRANSPOSED=transposed, HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATIONS.index(activation), STORE_PRE=store_pre_activation,
@@ -328,7 +327,8 @@ def bsr_sdd(
         dy, x, block_row, col_indices, out,
         m, m_per_split,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-        _m_bucket(m), nnz, splits,
+        nnz,
+        bucket(m), bucket(nnz), splits,
         BH=bh, BW=bw,
         INPUT_PRECISION=input_precision(x.dtype),
         INTERPRETED=INTERPRET,

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, input_precision
+from ._common import INTERPRET, autotune, bucket, input_precision
 
 LOG2E = 1.4426950408889634
 
@@ -381,11 +381,6 @@ def _pda_bwd_dq_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _bucket(k: int) -> int:
-    """Kept tokens rounded up to a power of two: tuned once per bucket, not per keep ratio."""
-    return 1 << max(0, (k - 1).bit_length())
-
-
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -398,6 +393,9 @@ _BWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2)]
 ]
+# LOTUS_AUTOTUNE=quick (see _common.autotune): 64x64 tiles first (also "off"'s single config), then one alternative.
+_FWD_QUICK = (1, 3)
+_BWD_QUICK = (1, 0)
 
 if INTERPRET:
     # One small fixed config: the interpreter is slow and its timings mean nothing.
@@ -407,9 +405,9 @@ if INTERPRET:
     _bwd_dq = _pda_bwd_dq_kernel
 else:
     _INTERPRETER_META = {}
-    _fwd = triton.autotune(_FWD_CONFIGS, key=["K_BUCKET", "BLOCK_D", "CLS", "IDENTITY"])(_pda_fwd_kernel)
-    _bwd_dkdv = triton.autotune(_BWD_CONFIGS, key=["K_BUCKET", "BLOCK_D", "IDENTITY"])(_pda_bwd_dkdv_kernel)
-    _bwd_dq = triton.autotune(_BWD_CONFIGS, key=["K_BUCKET", "BLOCK_D", "IDENTITY"])(_pda_bwd_dq_kernel)
+    _fwd = autotune(_pda_fwd_kernel, _FWD_CONFIGS, ["K_BUCKET", "BLOCK_D", "CLS", "IDENTITY"], _FWD_QUICK)
+    _bwd_dkdv = autotune(_pda_bwd_dkdv_kernel, _BWD_CONFIGS, ["K_BUCKET", "BLOCK_D", "IDENTITY"], _BWD_QUICK)
+    _bwd_dq = autotune(_pda_bwd_dq_kernel, _BWD_CONFIGS, ["K_BUCKET", "BLOCK_D", "IDENTITY"], _BWD_QUICK)
 
 
 def _index_args(keep_idx: torch.Tensor | None, counts: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -444,7 +442,7 @@ def pda_forward(
         stride_ib, stride_ik,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         scale * LOG2E,
-        _bucket(k),
+        bucket(k),  # kept tokens by shape class: tuned once per bucket, not per keep ratio
         D=d, BLOCK_D=_block_d(d),
         IDENTITY=keep_idx is None, CLS=return_cls, NUM_PREFIX=num_prefix_tokens,
         INPUT_PRECISION=input_precision(qkv5.dtype), INTERPRETED=INTERPRET,
@@ -480,7 +478,7 @@ def pda_backward(
         *grad_out.stride(),
         *grad_qkv.stride(),
         scale * LOG2E, scale,
-        _bucket(k),
+        bucket(k),  # kept tokens by shape class: tuned once per bucket, not per keep ratio
     )
     meta = dict(D=d, BLOCK_D=_block_d(d), IDENTITY=keep_idx is None, INPUT_PRECISION=input_precision(qkv5.dtype), INTERPRETED=INTERPRET, **_INTERPRETER_META)
     _bwd_dkdv[lambda m: (triton.cdiv(k, m["BLOCK_N"]), b * h)](*common, **meta)
