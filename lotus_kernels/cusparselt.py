@@ -6,17 +6,32 @@ lotus_kernels.backends), so it runs only where it measured faster.
 
 Layout. cuSPARSELt wants the sparse operand first and in its own packed
 format (kept values and metadata in one opaque buffer), so for
-y = x @ W^T + b we compute (W @ x^T)^T:
-``torch._cslt_sparse_mm(packed_W [N, K], x^T [K, M], bias, transpose_result=True)``
-returns [M, N] directly; x^T is a view of a row-major x (no copy). The packed
-weight is made by ``torch._cslt_compress`` from our (values, metadata) once
-per weight state (after an optimizer step, a load, a re-prune), never per
-call: the op keeps it, keyed on the stored parameter, and looks it up at run
-time, so a torch.compile'd model packs once too instead of in every call.
+y = x @ W^T + b we compute (W @ x^T)^T with ``torch._cslt_sparse_mm(packed_W
+[N, K], x^T [K, M], bias)``; x^T is a view of a row-major x (no copy). The
+packed weight is made by ``torch._cslt_compress`` from our (values, metadata)
+once per weight state (after an optimizer step, a load, a re-prune), never
+per call: the op keeps it, keyed on the stored parameter, and looks it up at
+run time, so a torch.compile'd model packs once too instead of in every call.
 
-The library algorithm (alg_id) is chosen once per (weight shape, dtype,
-rows of x rounded up to a power of two) by ``torch._cslt_sparse_mm_search``,
-also at run time, compiled or not.
+How the library is called (``CallConfig``, chosen by ``LOTUS_CUSPARSELT``,
+read at import). An H200 run (torch 2.11) of our earlier call, with
+``transpose_result=True`` (the library writes [M, N] directly) and an
+``alg_id`` from ``torch._cslt_sparse_mm_search``, hit "illegal instruction"
+in fp16 on its first call (M=1581, K=768, N=3072) and left the process's
+CUDA context dead; bf16 worked, and so did torch's own semi-structured path
+in fp16 on the same shape. A device fault cannot be caught, so until a GPU
+run proves another configuration (``lotus gpu-check`` probes each in its own
+process) we call the library exactly as torch's path does:
+- "torch" (default): ``transpose_result=False``, the default algorithm
+  (alg_id 0, no search), result [N, M] transposed back and made contiguous
+  (one copy of y: the price of the proven call);
+- "transposed": ``transpose_result=True``, alg_id 0 (no copy of y);
+- "searched": ``transpose_result=True`` and alg_id searched once per
+  (weight shape, dtype, rows of x rounded up to a power of two): the call
+  that crashed; for probing;
+- "off": the backend declines every layer.
+"auto" races cuSPARSELt only in a configuration listed in ``PROVEN``;
+``backend="cusparselt"`` runs whichever is chosen.
 
 Constraints (torch's cuSPARSELt binding; checked by ``why_not``): CUDA
 device of compute capability >= 8.0 and torch built with cuSPARSELt; fp16 or
@@ -30,6 +45,9 @@ slots, as the Triton path; the exact GELU epilogue runs as a separate op.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +64,55 @@ WEIGHT_MULTIPLE = 16
 ROW_MULTIPLE = 8
 MIN_CAPABILITY = (8, 0)
 
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    """How ``torch._cslt_sparse_mm`` is called (see the module docstring)."""
+
+    name: str
+    transpose_result: bool  # the library writes y [M, N] itself (else y^T [N, M], transposed back with a copy)
+    search: bool  # alg_id searched per (shape, dtype, rows bucket); else the library's default, 0
+
+
+CONFIGS = {
+    "torch": CallConfig("torch", transpose_result=False, search=False),
+    "transposed": CallConfig("transposed", transpose_result=True, search=False),
+    "searched": CallConfig("searched", transpose_result=True, search=True),
+}
+# Configurations a GPU run has shown to work in fp16 and bf16 (torch's own call: an H200, torch 2.11).
+# Add one here only with a committed `lotus gpu-check` result that probed it on that GPU.
+PROVEN = ("torch",)
+ENV = "LOTUS_CUSPARSELT"
+
+
+def _check_name(name: str, what: str) -> str:
+    if name != "off" and name not in CONFIGS:
+        raise ValueError(f"{what} must be one of {[*CONFIGS, 'off']}, got {name!r}")
+    return name
+
+
+# Read once, at import, like TRITON_INTERPRET (set_call_config changes it in a running
+# process). A bad value must not break `import lotus_kernels`: the backend declines
+# every layer and says why (why_not), and an explicit backend="cusparselt" raises it.
+try:
+    _CONFIG: CallConfig | None = CONFIGS.get(_check_name(os.environ.get(ENV, "torch"), ENV))
+    _CONFIG_ERROR: str | None = None
+except ValueError as e:
+    _CONFIG, _CONFIG_ERROR = None, str(e)
 _ALG_IDS: dict[tuple, int] = {}
 _DEVICE_OK: dict[int, str | None] = {}
+
+
+def call_config() -> CallConfig | None:
+    """The configuration in use (None: the backend is off)."""
+    return _CONFIG
+
+
+def set_call_config(name: str) -> None:
+    """Use configuration ``name`` ("torch", "transposed", "searched" or "off") from now on in this process."""
+    global _CONFIG, _CONFIG_ERROR
+    _CONFIG, _CONFIG_ERROR = CONFIGS.get(_check_name(name, "the cuSPARSELt configuration")), None
 
 
 # ----------------------------------------------------------- the library
@@ -60,12 +125,12 @@ def _compress(dense: torch.Tensor) -> torch.Tensor:
     return torch._cslt_compress(dense)
 
 
-def _sparse_mm(packed: torch.Tensor, dense_t: torch.Tensor, bias: torch.Tensor | None, alg_id: int) -> torch.Tensor:
-    return torch._cslt_sparse_mm(packed, dense_t, bias=bias, transpose_result=True, alg_id=alg_id)
+def _sparse_mm(packed: torch.Tensor, dense_t: torch.Tensor, bias: torch.Tensor | None, alg_id: int, transpose_result: bool) -> torch.Tensor:
+    return torch._cslt_sparse_mm(packed, dense_t, bias=bias, transpose_result=transpose_result, alg_id=alg_id)
 
 
-def _search(packed: torch.Tensor, dense_t: torch.Tensor, bias: torch.Tensor | None) -> int:
-    return int(torch._cslt_sparse_mm_search(packed, dense_t, bias=bias, transpose_result=True))
+def _search(packed: torch.Tensor, dense_t: torch.Tensor, bias: torch.Tensor | None, transpose_result: bool) -> int:
+    return int(torch._cslt_sparse_mm_search(packed, dense_t, bias=bias, transpose_result=transpose_result))
 
 
 # ------------------------------------------------------------- the op
@@ -96,15 +161,37 @@ def packed(values: torch.Tensor, metadata: torch.Tensor, dtype: torch.dtype) -> 
     return derived(f"cusparselt-{dtype}", values, (metadata,), lambda: _compress(_dense_weight(values.detach().to(dtype), metadata)))
 
 
-def _alg_id(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """cuSPARSELt's fastest algorithm for this product, searched once per (shape, dtype, rows bucket)."""
-    key = (tuple(weight.shape), x.shape[1], x.dtype, x.device, rows_bucket(x.shape[0]), bias is not None)
+def _alg_id(config: CallConfig, weight: torch.Tensor, x_t: torch.Tensor, rows: int, bias: torch.Tensor | None) -> int:
+    """The algorithm for this product: 0, or under a searching config the library's fastest, searched once per
+    (shape, dtype, rows of x rounded up to a power of two, config)."""
+    if not config.search:
+        return 0
+    key = (tuple(weight.shape), x_t.shape[0], x_t.dtype, x_t.device, rows_bucket(rows), bias is not None, config.name)
     if key not in _ALG_IDS:
         try:
-            _ALG_IDS[key] = _search(weight, _pad_rows(x).t(), bias)
+            _ALG_IDS[key] = _search(weight, x_t, bias, config.transpose_result)
         except RuntimeError:
             _ALG_IDS[key] = 0  # the library's default algorithm always runs
     return _ALG_IDS[key]
+
+
+def _matmul(config: CallConfig, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [M, N] (contiguous) = x [M, K] @ W^T + bias through the library, W packed [N, K]."""
+    m = x.shape[0]
+    x_t = _pad_rows(x).t()  # [K, M padded]: a view of the row-major padded x, as torch's own path passes it
+    alg_id = _alg_id(config, weight, x_t, m, bias)
+    try:
+        y = _sparse_mm(weight, x_t, bias, alg_id, config.transpose_result)
+    except RuntimeError:
+        # A searched algorithm is shared by every M of a power-of-two bucket; should
+        # one M refuse it, the library's default algorithm (0) runs every shape.
+        if alg_id == 0:
+            raise
+        y = _sparse_mm(weight, x_t, bias, 0, config.transpose_result)
+    if not config.transpose_result:
+        y = y.t()  # the library wrote y^T [N, M padded]
+    y = y[:m] if y.shape[0] != m else y
+    return y.contiguous()
 
 
 @torch.library.custom_op("lotus_kernels::cusparselt_matmul", mutates_args=(), **CUDAGRAPH_UNSAFE)
@@ -114,19 +201,10 @@ def _cusparselt_matmul(x: torch.Tensor, values: torch.Tensor, metadata: torch.Te
     x and bias are in the compute dtype; values is the stored parameter in
     its own dtype (cast inside, once per weight state, with the packing).
     """
-    m = x.shape[0]
-    weight = packed(values, metadata, x.dtype)
-    alg_id = _alg_id(weight, x, bias)
-    x_t = _pad_rows(x).t()
-    try:
-        y = _sparse_mm(weight, x_t, bias, alg_id)
-    except RuntimeError:
-        # The searched algorithm is shared by every M of a power-of-two bucket; should
-        # one M refuse it, the library's default algorithm (0) runs every shape.
-        if alg_id == 0:
-            raise
-        y = _sparse_mm(weight, x_t, bias, 0)
-    return y[:m].contiguous() if y.shape[0] != m else y
+    config = _CONFIG
+    if config is None:
+        raise RuntimeError(f"the cuSPARSELt backend is off: {_CONFIG_ERROR or f'{ENV}=off'}")
+    return _matmul(config, packed(values, metadata, x.dtype), x, bias)
 
 
 @_cusparselt_matmul.register_fake
@@ -176,6 +254,8 @@ def why_not(spec: LayerSpec) -> str | None:
     """None when the cusparselt backend can run a layer of this spec, else why not."""
     if spec.pattern != "2:4":
         return "runs pattern '2:4' only"
+    if _CONFIG is None:
+        return _CONFIG_ERROR or f"turned off ({ENV}=off)"
     if spec.device.type != "cuda":
         return "needs a CUDA device (NVIDIA cuSPARSELt)"
     if spec.dtype not in CUSPARSELT_DTYPES:
@@ -203,12 +283,19 @@ def cusparselt_linear(module, x: torch.Tensor) -> torch.Tensor:
     return apply_activation(module, y.reshape(*lead, module.out_features))
 
 
+def auto_may_race(spec: LayerSpec) -> bool:
+    """Whether "auto" may time this backend: only in a configuration proven on a GPU (a device fault
+    in a trial run would kill the process's CUDA context, so it cannot be raced to find out)."""
+    return _CONFIG is not None and _CONFIG.name in PROVEN
+
+
 register_backend(
     Backend(
         name="cusparselt",
-        description="NVIDIA cuSPARSELt 2:4 matmul via torch._cslt_sparse_mm (packed once per weight, algorithm "
-        "searched once per shape), forward and backward",
+        description="NVIDIA cuSPARSELt 2:4 matmul via torch._cslt_sparse_mm (packed once per weight; called as "
+        "torch's semi-structured path calls it unless LOTUS_CUSPARSELT says otherwise), forward and backward",
         why_not=why_not,
         forward=cusparselt_linear,
+        auto=auto_may_race,
     )
 )

@@ -19,7 +19,7 @@ class FakeLibrary:
     """Stands in for torch._cslt_*: "packed" is the dense 2:4 weight itself."""
 
     def __init__(self):
-        self.compressed, self.searched, self.mm_rows = 0, 0, []
+        self.compressed, self.searched, self.mm_rows, self.calls = 0, 0, [], []
 
     def compress(self, dense):
         groups = dense.reshape(dense.shape[0], -1, 4)
@@ -27,13 +27,15 @@ class FakeLibrary:
         self.compressed += 1
         return dense.clone()
 
-    def sparse_mm(self, packed, dense_t, bias, alg_id):
+    def sparse_mm(self, packed, dense_t, bias, alg_id, transpose_result):
         assert dense_t.shape[0] == packed.shape[1] and dense_t.shape[1] % cusparselt.ROW_MULTIPLE == 0
         self.mm_rows.append(dense_t.shape[1])
-        y = (packed @ dense_t).t()  # transpose_result=True: [M, N]
-        return (y + bias if bias is not None else y).contiguous()
+        self.calls.append({"alg_id": alg_id, "transpose_result": transpose_result, "dense_is_view_of_row_major": dense_t.t().is_contiguous()})
+        y = packed @ dense_t  # [N, M]; the library adds bias per output row
+        y = y + bias[:, None] if bias is not None else y
+        return y.t().contiguous() if transpose_result else y.contiguous()
 
-    def search(self, packed, dense_t, bias):
+    def search(self, packed, dense_t, bias, transpose_result):
         self.searched += 1
         return 3
 
@@ -45,9 +47,17 @@ def fake(monkeypatch):
     monkeypatch.setattr(cusparselt, "_sparse_mm", lib.sparse_mm)
     monkeypatch.setattr(cusparselt, "_search", lib.search)
     monkeypatch.setattr(cusparselt, "_ALG_IDS", {})
+    monkeypatch.setattr(cusparselt, "_CONFIG", cusparselt.CONFIGS["torch"])
     monkeypatch.setattr(weight_cache, "_CACHE", {})
     torch._dynamo.reset()  # other tests compile SparseLinear too: stay under dynamo's recompile limit
     return lib
+
+
+@pytest.fixture
+def searched(fake, monkeypatch):
+    """The fake library under the configuration that searches the algorithm (transpose_result=True)."""
+    monkeypatch.setattr(cusparselt, "_CONFIG", cusparselt.CONFIGS["searched"])
+    return fake
 
 
 def layer_pair(k, n, bias=True, activation="none", seed=0):
@@ -58,10 +68,12 @@ def layer_pair(k, n, bias=True, activation="none", seed=0):
     return ours, ref
 
 
+@pytest.mark.parametrize("config", list(cusparselt.CONFIGS))
 @pytest.mark.parametrize("m", [1, 3, 65])
 @pytest.mark.parametrize("k,n", [(64, 32), (192, 96)])
 @pytest.mark.parametrize("bias,activation", [(True, "none"), (False, "none"), (True, "gelu")])
-def test_forward_and_backward_match_the_reference(fake, m, k, n, bias, activation):
+def test_forward_and_backward_match_the_reference(fake, monkeypatch, config, m, k, n, bias, activation):
+    monkeypatch.setattr(cusparselt, "_CONFIG", cusparselt.CONFIGS[config])
     ours, ref = layer_pair(k, n, bias, activation)
     x = torch.randn(m, k, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
@@ -76,8 +88,62 @@ def test_forward_and_backward_match_the_reference(fake, m, k, n, bias, activatio
     torch.testing.assert_close(ours.values.grad, ref.values.grad, rtol=1e-5, atol=1e-5)
     if bias:
         torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
-    # Rows padded up to the dense operand's minimum multiple, then sliced off.
-    assert fake.mm_rows == [m + (-m % 8)]
+    # Rows padded up to the dense operand's minimum multiple, then sliced off; y handed back contiguous.
+    assert fake.mm_rows == [m + (-m % 8)] and y.is_contiguous()
+
+
+def test_the_default_calls_the_library_as_torchs_semi_structured_path_does(fake):
+    # What an H200 run proved in fp16 and bf16: transpose_result=False, the default algorithm (no search), and the
+    # dense operand a transposed view of the row-major (padded) x.
+    assert cusparselt.call_config().name == "torch" and cusparselt.PROVEN == ("torch",)
+    ours, ref = layer_pair(64, 32)
+    for m in (5, 8, 13):
+        x = torch.randn(m, 64)
+        torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x), ref(x), rtol=1e-5, atol=1e-5)
+    assert fake.searched == 0
+    assert fake.calls == [{"alg_id": 0, "transpose_result": False, "dense_is_view_of_row_major": True}] * 3
+
+
+def test_auto_races_cusparselt_only_in_a_proven_configuration(monkeypatch):
+    (backend,) = [b for b in backends._REGISTRY.values() if b.name == "cusparselt"]
+    spec = LayerSpec("2:4", torch.device("cuda"), torch.float16, None, (64, 64))
+    for name, proven in (("torch", True), ("transposed", False), ("searched", False)):
+        monkeypatch.setattr(cusparselt, "_CONFIG", cusparselt.CONFIGS[name])
+        assert backend.auto(spec) is proven, name
+    monkeypatch.setattr(cusparselt, "_CONFIG", None)
+    monkeypatch.setattr(cusparselt, "_CONFIG_ERROR", None)
+    assert not backend.auto(spec) and backend.why_not(spec) == "turned off (LOTUS_CUSPARSELT=off)"
+
+
+def test_set_call_config_checks_the_name(monkeypatch):
+    monkeypatch.setattr(cusparselt, "_CONFIG", cusparselt._CONFIG)
+    with pytest.raises(ValueError, match="must be one of .*'torch', 'transposed', 'searched', 'off'.*got 'fast'"):
+        cusparselt.set_call_config("fast")
+    cusparselt.set_call_config("off")
+    assert cusparselt.call_config() is None
+    cusparselt.set_call_config("transposed")
+    assert cusparselt.call_config().transpose_result and not cusparselt.call_config().search
+
+
+@pytest.mark.parametrize("value,expected", [("searched", "searched"), ("off", "off"), ("bogus", "bogus")])
+def test_the_configuration_comes_from_the_environment_and_a_bad_one_never_breaks_import(value, expected):
+    import subprocess
+    import sys
+
+    script = (
+        "import torch; from lotus_kernels import cusparselt, SparseLinear; from lotus_kernels.backends import LayerSpec\n"
+        "c = cusparselt.call_config(); print(c.name if c else 'off')\n"
+        "print(cusparselt.why_not(LayerSpec('2:4', torch.device('cuda'), torch.float16, None, (64, 64))) if c is None else '')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**__import__("os").environ, "LOTUS_CUSPARSELT": value})
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, reason = (done.stdout.splitlines() + [""])[:2]
+    if expected == "bogus":
+        assert name == "off" and "LOTUS_CUSPARSELT must be one of" in reason and "got 'bogus'" in reason
+    elif expected == "off":
+        assert name == "off" and reason == "turned off (LOTUS_CUSPARSELT=off)"
+    else:
+        assert name == "searched"
 
 
 def test_leading_dims_and_noncontiguous_input(fake):
@@ -86,7 +152,8 @@ def test_leading_dims_and_noncontiguous_input(fake):
     torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_once_until_the_weights_change_and_search_once_per_row_bucket(fake):
+def test_packed_once_until_the_weights_change_and_search_once_per_row_bucket(searched):
+    fake = searched
     ours, _ = layer_pair(64, 32)
     with torch.no_grad():
         for m in (3, 4, 3):  # one row bucket (<= 4)
@@ -105,7 +172,7 @@ def test_packed_once_until_the_weights_change_and_search_once_per_row_bucket(fak
     assert bool((ours.to_dense()[~ours.mask()] == 0).all())
 
 
-def test_a_failing_search_falls_back_to_the_default_algorithm(fake, monkeypatch):
+def test_a_failing_search_falls_back_to_the_default_algorithm(searched, monkeypatch):
     def broken(*args):
         raise RuntimeError("no algorithm")
 
@@ -168,6 +235,34 @@ def test_cuda_matches_the_reference(dtype, m, k, n):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_rows_not_a_multiple_of_8_16_64_and_several_of_one_bucket(dtype):
+    # Where fp16 crashed an H200 (ViT-B fc1, M=1581) under the old call: rows that are not multiples of 8, 16, 64,
+    # and several row counts of one power-of-two bucket, each checked against fp64 (error <= 2x torch's + atol).
+    from lotus_kernels.gpu_check.steps import PROBE_ROWS
+
+    if cusparselt.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (3072, 768))):
+        pytest.skip(cusparselt.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (3072, 768))))
+    assert any(m % 8 for m in PROBE_ROWS) and any(m % 16 for m in PROBE_ROWS if m % 8 == 0)
+    assert any(m % 64 for m in PROBE_ROWS if m % 16 == 0) and len({backends.rows_bucket(m) for m in PROBE_ROWS}) < len(PROBE_ROWS)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(768, 3072).to("cuda", dtype)
+    layer = SparseLinear.from_dense(linear, "2:4", backend="cusparselt")
+    weight = layer.to_dense().detach()
+    for m in PROBE_ROWS:
+        x = torch.randn(m, 768, device="cuda", dtype=dtype, requires_grad=m == PROBE_ROWS[0])
+        y = layer(x)
+        exact = F.linear(x.detach().double(), weight.double(), layer.bias.detach().double())
+        torch_same = F.linear(x.detach(), weight, layer.bias.detach())
+        err, torch_err = ((t.double() - exact).norm() / exact.norm() for t in (y.detach(), torch_same))
+        assert y.shape == (m, 3072) and y.is_contiguous() and err <= 2 * torch_err + 1e-3, (m, float(err), float(torch_err))
+        if x.requires_grad:
+            y.float().sum().backward()
+            torch.testing.assert_close(x.grad.float(), weight.float().sum(0).expand(m, -1), rtol=2e-2, atol=2e-1)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_cuda_compiles_without_graph_breaks_packs_once_and_follows_updates(mode, monkeypatch):
     if cusparselt.why_not(LayerSpec("2:4", torch.device("cuda"), torch.float16, None, (64, 64))):
@@ -201,14 +296,15 @@ def test_backward_and_packing_never_sync_with_the_host(fake, monkeypatch):
     torch.testing.assert_close(ours.values.grad, ref.values.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_a_searched_algorithm_an_other_row_count_refuses_falls_back_to_the_default(fake, monkeypatch):
+def test_a_searched_algorithm_an_other_row_count_refuses_falls_back_to_the_default(searched, monkeypatch):
+    fake = searched
     used = []
 
-    def picky_mm(packed, dense_t, bias, alg_id):
+    def picky_mm(packed, dense_t, bias, alg_id, transpose_result):
         used.append(alg_id)
         if alg_id != 0 and dense_t.shape[1] != 32:
             raise RuntimeError("CUSPARSE_STATUS_INVALID_VALUE")  # what the library says for an unsupported plan
-        return FakeLibrary.sparse_mm(fake, packed, dense_t, bias, alg_id)
+        return FakeLibrary.sparse_mm(fake, packed, dense_t, bias, alg_id, transpose_result)
 
     monkeypatch.setattr(cusparselt, "_sparse_mm", picky_mm)
     ours, ref = layer_pair(64, 32)
@@ -232,16 +328,18 @@ class Wrapped(torch.nn.Module):
         return cusparselt.cusparselt_linear(self.layer, x)
 
 
+@pytest.mark.parametrize("config", ["torch", "searched"])
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_inference_packs_once_and_searches_the_algorithm(fake, compiler):
+def test_compiled_inference_packs_once_and_searches_the_algorithm(fake, monkeypatch, config, compiler):
+    monkeypatch.setattr(cusparselt, "_CONFIG", cusparselt.CONFIGS[config])
     ours, ref = layer_pair(64, 32)
     compiled = torch.compile(Wrapped(ours), backend=compiler, fullgraph=True)
     with torch.no_grad():
         for _ in range(3):
             x = torch.randn(6, 64)
             torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
-        # Before: packed inside the graph on every call, and alg_id 0 without a search.
-        assert (fake.compressed, fake.searched) == (1, 1)
+        # Before: packed inside the graph on every call, and alg_id 0 without a search (searching configuration).
+        assert (fake.compressed, fake.searched) == (1, 1 if config == "searched" else 0)
         ours.values.mul_(2)  # an in-place update the compiled graph cannot see
         x = torch.randn(6, 64)
         torch.testing.assert_close(compiled(x), F.linear(x, ours.to_dense(), ours.bias), rtol=1e-5, atol=1e-5)
