@@ -264,67 +264,153 @@ def markdown_tables(rows: Sequence[dict]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
+def _bf16(value) -> bool:
+    """bf16 inference or bf16 autocast training: the targets' precision (the CPU grid's fp32 says nothing of them)."""
+    return bool(re.search(r"bf16|bfloat16", str(value or "")))
+
+
+def _mlp(layer) -> bool:
+    return layer in ("fc1", "fc2")
+
+
 @dataclass(frozen=True)
 class Target:
-    """An end-to-end speed target: a bench_vit case, the variants that may meet it, the speedup over dense it needs.
+    """A speed target: which rows of one benchmark group measure it, what they are compared with, how much faster.
 
-    A vit_e2e row counts when its extra_info has this model, workload, batch
-    and image size, a bf16 dtype (bf16 inference or bf16 autocast training),
-    and every key/value of one of ``variants``. The target passes when the
-    best such row's speedup_vs_dense (dense of the same case and compile mode,
-    same run) reaches ``min_speedup``.
+    A row counts when it is in ``group``, matches every (key, value) of
+    ``where`` (a value may be a predicate) and every key/value of one of
+    ``variants``. Its speedup is its speedup_vs_dense (``versus="dense"``:
+    the dense provider of the same case, same run), or the p50 of the row of
+    provider ``versus`` with the same ``case_keys`` values over its own. Rows
+    are grouped by the values of ``per`` (e.g. the layer): with rule "best"
+    the target passes when each group's best row reaches ``min_speedup``;
+    with rule "every", when every row does ("never slower than dense").
     """
 
     name: str
-    model: str
-    workload: str  # bench_vit's "infer" | "train"
-    batch: int
-    img_size: int
-    variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...]  # (label, ((extra_info key, value), ...))
+    group: str
+    where: tuple[tuple[str, object], ...]
+    variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...]  # (label, ((key, value), ...))
     min_speedup: float
-    device: str  # where the issue sets the target; a run elsewhere is reported with its device
+    versus: str = "dense"
+    case_keys: tuple[str, ...] = ()
+    per: tuple[str, ...] = ()
+    rule: str = "best"  # "best" | "every"
+    devices: tuple[str, ...] = ("H100", "H200")  # where the issue sets it; a run elsewhere says its device
 
 
 _KEEP_2TO4_MLP = ("keep 0.5 + 2:4 MLP", (("pattern", "2:4"), ("mlp_only", True), ("keep_ratio", 0.5)))
 _KEEP_BLOCK50_MLP = ("keep 0.5 + 50% block MLP", (("pattern", "block"), ("sparsity", 0.5), ("mlp_only", True), ("keep_ratio", 0.5)))
+_BLOCK_MLP_LAYER = (("model", "vit_b"), ("layer", _mlp), ("batch", 256), ("density", 0.5), ("mode", "forward"), ("dtype", _bf16))
+_BLOCK_CASE = ("model", "layer", "batch", "dtype", "density", "block", "mode")
+_ATTENTION = (("model", "vit_b"), ("tokens", 197), ("batch", 256), ("keep_ratio", 0.5), ("mode", "forward"), ("dtype", _bf16))
+_ATTENTION_CASE = ("model", "tokens", "batch", "keep_ratio", "mode", "dtype")
 
-# Issue 8, "Targets on H100 (bf16)". One table: add a target here and the report checks it.
+
+def _vit(workload: str) -> tuple[tuple[str, object], ...]:
+    return (("model", "vit_b16_224"), ("workload", workload), ("batch", 256), ("img_size", [224, 224]), ("dtype", _bf16))
+
+
+# Issues 8 and 15, "targets (ViT-B/16, bf16, H100/H200)". One table: add a target here and every report checks it.
 TARGETS = (
     Target(
+        "block-sparse MLP layer (ViT-B fc1 and fc2, batch 256, density 0.5, forward) vs cuBLAS dense",
+        "block_sparse_matmul", _BLOCK_MLP_LAYER, (("ours", (("provider", "lotus"),)),), 1.6, per=("layer",),
+    ),
+    Target(
+        "block-sparse MLP layer (same cases) vs torch BSR",
+        "block_sparse_matmul", _BLOCK_MLP_LAYER, (("ours", (("provider", "lotus"),)),), 1.2,
+        versus="torch_bsr", case_keys=_BLOCK_CASE, per=("layer",),
+    ),
+    Target(
+        "2:4 ViT-L MLP (fc1 and fc2, batch >= 64, forward), \"auto\" vs cuBLAS dense",
+        "semi_structured_matmul",
+        (("model", "vit_l"), ("layer", _mlp), ("batch", lambda b: isinstance(b, int) and b >= 64), ("mode", "forward"), ("dtype", _bf16)),
+        (("auto", (("provider", "auto"),)),), 1.3, per=("layer", "batch"),
+    ),
+    Target(
+        "2:4 after \"auto\": never slower than dense, every measured shape and mode (0.95x: timing noise)",
+        "semi_structured_matmul", (("dtype", _bf16),), (("auto", (("provider", "auto"),)),), 0.95, rule="every",
+    ),
+    Target(
+        "patch-drop attention (ViT-B, 197 tokens, batch 256, keep 0.5, forward) vs full-token SDPA",
+        "patch_drop_attention", _ATTENTION, (("ours", (("provider", "lotus"),)),), 3.5,
+    ),
+    Target(
+        "patch-drop attention (same case) vs gather + SDPA",
+        "patch_drop_attention", _ATTENTION, (("ours", (("provider", "lotus"),)),), 1.15, versus="gather_sdpa", case_keys=_ATTENTION_CASE,
+    ),
+    Target(
         "ViT-B/16 224, batch 256, inference: keep 0.5 + 2:4 (or 50% block) MLP vs dense timm (SDPA), images/s",
-        "vit_b16_224", "infer", 256, 224, (_KEEP_2TO4_MLP, _KEEP_BLOCK50_MLP), 2.5, "H100",
+        "vit_e2e", _vit("infer"), (_KEEP_2TO4_MLP, _KEEP_BLOCK50_MLP), 2.5,
     ),
     Target(
         "ViT-B/16 224, batch 256, training step: keep 0.5 + 2:4 (or 50% block) MLP vs dense timm (SDPA), images/s",
-        "vit_b16_224", "train", 256, 224, (_KEEP_2TO4_MLP, _KEEP_BLOCK50_MLP), 1.8, "H100",
+        "vit_e2e", _vit("train"), (_KEEP_2TO4_MLP, _KEEP_BLOCK50_MLP), 1.8,
     ),
 )
 
 
 def _same(value, wanted) -> bool:
+    if callable(wanted):
+        return bool(wanted(value))
+    if isinstance(wanted, list):
+        return isinstance(value, (list, tuple)) and list(value) == wanted
     if isinstance(wanted, bool) or not _is_number(wanted):
         return value == wanted
     return _is_number(value) and math.isclose(value, wanted, rel_tol=1e-9, abs_tol=1e-9)
 
 
-def _target_rows(target: Target, rows: Sequence[dict]) -> list[tuple[str, dict]]:
-    """(variant label, row) for every vit_e2e row that measures the target, best speedup first."""
+def _speedup(target: Target, row: dict, rows: Sequence[dict]) -> float | None:
+    if target.versus == "dense":
+        value = row.get("speedup_vs_dense")
+        return float(value) if _is_number(value) else None
+    for other in rows:
+        if other["group"] == target.group and other.get("provider") == target.versus and _is_number(other.get("p50_ms")):
+            if all(_same(other.get(key), row.get(key)) for key in target.case_keys) and _is_number(row.get("p50_ms")) and row["p50_ms"] > 0:
+                return other["p50_ms"] / row["p50_ms"]
+    return None
+
+
+def _target_rows(target: Target, rows: Sequence[dict]) -> list[tuple[str, dict, float]]:
+    """(variant label, row, speedup) for every row that measures the target, best speedup first."""
     found = []
     for r in rows:
-        if r["group"] != "vit_e2e" or not _is_number(r.get("speedup_vs_dense")):
+        if r["group"] != target.group or not all(_same(r.get(key), value) for key, value in target.where):
             continue
-        if (r.get("model"), r.get("workload"), r.get("batch")) != (target.model, target.workload, target.batch):
-            continue
-        img = r.get("img_size")
-        if img is not None and list(img) != [target.img_size, target.img_size]:
-            continue
-        if not re.search(r"bf16|bfloat16", str(r.get("dtype") or "")):
-            continue  # the CPU grid's fp32 runs say nothing about the bf16 targets
         for label, wanted in target.variants:
             if all(_same(r.get(key), value) for key, value in wanted):
-                found.append((label, r))
+                speedup = _speedup(target, r, rows)
+                if speedup is not None:
+                    found.append((label, r, speedup))
                 break
-    return sorted(found, key=lambda lr: -lr[1]["speedup_vs_dense"])
+    return sorted(found, key=lambda found_row: -found_row[2])
+
+
+def _case_label(target: Target, label: str, row: dict) -> str:
+    """The variant (and compile mode), then what tells the deciding rows apart: the ``per`` keys and the block size."""
+    parts = [str(row.get("variant") or label)]
+    if row.get("compile"):
+        parts.append(str(row["compile"]))
+    keys = target.per if row.get("variant") else (*target.per, "block")  # a variant's name already says its block
+    parts += [str(row[key]) if isinstance(row[key], str) else f"{key} {row[key]}" for key in keys if row.get(key) is not None]
+    return " ".join(parts)
+
+
+def evaluate_target(target: Target, rows: Sequence[dict]) -> tuple[str, list[tuple[str, dict, float]]]:
+    """("pass" | "fail" | "pending (not in this run)", every row that measures it: (label, row, speedup), best first)."""
+    found = _target_rows(target, rows)
+    if not found:
+        return "pending (not in this run)", []
+    groups: dict[tuple, list[tuple[str, dict, float]]] = defaultdict(list)
+    for item in found:
+        groups[tuple(str(item[1].get(key)) for key in target.per)].append(item)
+    deciding = [members[0] for members in groups.values()] if target.rule == "best" else found
+    status = "pass" if all(speedup >= target.min_speedup for _, _, speedup in deciding) else "fail"
+    devices = {row["device"] for _, row, _ in deciding}
+    if not all(any(wanted in device for wanted in target.devices) for device in devices):
+        status += f" (on {', '.join(sorted(devices))}; the target is for {' or '.join(target.devices)})"
+    return status, found
 
 
 def target_lines(rows: Sequence[dict], targets: Sequence[Target] = TARGETS) -> list[str]:
@@ -332,26 +418,21 @@ def target_lines(rows: Sequence[dict], targets: Sequence[Target] = TARGETS) -> l
     lines = [
         "## Targets",
         "",
-        "Speedup: images/s of the variant over images/s of dense timm (SDPA) of the same case and compile mode, same run; "
-        "the best matching result decides.",
+        "Speedup: the variant's p50 time over the baseline's of the same case in the same run (dense: cuBLAS / "
+        "dense timm with SDPA; or the named provider); per group (e.g. layer) the best result decides, or every "
+        "result where the target says \"never\".",
         "",
         "| target | needs | status | measured (best first) |",
         "|---|---|---|---|",
     ]
     for target in targets:
-        found = _target_rows(target, rows)
-        if not found:
-            status, measured = "pending (not in this run)", "-"
-        else:
-            best = found[0][1]
-            status = "pass" if best["speedup_vs_dense"] >= target.min_speedup else "fail"
-            if target.device not in best["device"]:
-                status += f" (on {best['device']}; the target is for {target.device})"
-            measured = "; ".join(
-                f"{r.get('variant', label)} {r.get('compile', '')}: {r['speedup_vs_dense']:.2f}x "
-                f"({_fmt(r.get('images_per_s'), '.4g')} images/s, {r['device']})"
-                for label, r in found
-            )
+        status, deciding = evaluate_target(target, rows)
+        measured = "; ".join(
+            f"{_case_label(target, label, r)}: {speedup:.2f}x ("
+            + (f"{_fmt(r['images_per_s'], '.4g')} images/s, " if _is_number(r.get("images_per_s")) else "")
+            + f"{r['device']})"
+            for label, r, speedup in deciding
+        ) or "-"
         lines.append(f"| {_escape(target.name)} | >= {target.min_speedup:g}x | {_escape(status)} | {_escape(measured)} |")
     return lines
 
