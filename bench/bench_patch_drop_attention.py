@@ -16,8 +16,9 @@ a block already running on the K kept tokens (after input dropping).
 
 Default grid on CUDA: ViT-S and ViT-B at N=197 (batch 256) and ViT-L at
 N=577 (batch 64), keep 0.25/0.5/0.7/1.0, bf16. LOTUS_BENCH_FULL=1: batch 64
-and 256 for every model at N=197 and 577. On CPU: a tiny shape through the
-sdpa/reference paths, so the command always runs.
+and 256 for every model at N=197 and 577. LOTUS_BENCH_GRID=headline (lotus
+gpu-check): ViT-B at N=197, batch 256, keep 0.25 and 0.5. On CPU: a tiny
+shape through the sdpa/reference paths, so the command always runs.
 """
 
 import os
@@ -32,14 +33,17 @@ from lotus_kernels.patch_dropping import PatchDropAttention, PatchDropBlock, num
 
 CUDA = torch.cuda.is_available()
 FULL = os.environ.get("LOTUS_BENCH_FULL") == "1"
+HEADLINE = os.environ.get("LOTUS_BENCH_GRID") == "headline"
 MODELS = {"vit_s": (384, 6), "vit_b": (768, 12), "vit_l": (1024, 16), "tiny": (48, 3)}
 
 if CUDA:
     if FULL:
         SHAPES = [(m, n, b) for m in ("vit_s", "vit_b", "vit_l") for n in (197, 577) for b in (64, 256)]
+    elif HEADLINE:
+        SHAPES = [("vit_b", 197, 256)]
     else:
         SHAPES = [("vit_s", 197, 256), ("vit_b", 197, 256), ("vit_l", 577, 64)]
-    KEEPS = [0.25, 0.5, 0.7, 1.0]
+    KEEPS = [0.25, 0.5] if HEADLINE else [0.25, 0.5, 0.7, 1.0]
     DTYPE = torch.bfloat16
     PROVIDERS = ["dense", "gather_sdpa", "lotus"]
 else:

@@ -17,9 +17,16 @@ extra_info:
 
 On CPU the benchmarks run small shapes through the reference paths so the
 command always works (in a few seconds); on CUDA the real shapes.
+
+``LOTUS_BENCH_JSONL=FILE`` (lotus gpu-check) also appends every result to
+FILE as one line the moment it is measured, as the flat row ``lotus
+bench-report`` reads (extra_info with name, fullname, group on top), so a
+session killed at a deadline keeps what it measured. ``LOTUS_BENCH_GRID=headline``
+picks each file's headline grid (the issue's target cases).
 """
 
 import datetime
+import os
 import platform
 import subprocess
 import time
@@ -155,8 +162,23 @@ def bench_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# What every result repeats about the session: a row keeps the device and date, and the run's file says the rest once.
+_SESSION_KEYS = ("driver", "versions", "cuda_runtime", "cuda_build", "git_commit", "git_dirty", "command", "peak_op")
+
+
+def append_result_row(node, group: str, extra_info: dict) -> None:
+    """One measured result as a row in $LOTUS_BENCH_JSONL (nothing without it)."""
+    path = os.environ.get("LOTUS_BENCH_JSONL")
+    if not path:
+        return
+    from lotus_kernels.gpu_check.runner import append_jsonl
+
+    row = {key: value for key, value in extra_info.items() if key not in _SESSION_KEYS}
+    append_jsonl(path, {**row, "step": os.environ.get("LOTUS_STEP", ""), "name": node.name, "fullname": node.nodeid, "group": group})
+
+
 @pytest.fixture
-def run_benchmark(benchmark, environment, device_peak):
+def run_benchmark(benchmark, environment, device_peak, request):
     """run_benchmark(fn, rounds=10, **extra): time fn (device-synchronised) and record the environment.
 
     extra["op"] names the result's group. Without p20_ms/p50_ms/p80_ms in
@@ -177,7 +199,9 @@ def run_benchmark(benchmark, environment, device_peak):
         benchmark.extra_info.update(environment)
         benchmark.extra_info.update({"peak_tflops": device_peak["peak_tflops"], "peak_op": device_peak["peak_op"]})
         benchmark.extra_info.update(extra)
-        return benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=2)
+        result = benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=2)
+        append_result_row(request.node, benchmark.group or request.node.name.split("[")[0], benchmark.extra_info)
+        return result
 
     return run
 

@@ -251,3 +251,35 @@ def test_run_gpu_info_keeps_stderr_apart_and_bench_args_reach_pytest(tmp_path):
     assert "no GPU" in (out / "info.err").read_text()
     args = [line[4:] for line in (out / "bench-vit.log").read_text().splitlines() if line.startswith("ARG ")]
     assert args[0] == "bench/bench_vit.py" and args[-3:] == ["-k", "vit_b16_224 and infer", "-x"]
+
+
+LAYER_BENCHES = {  # group -> (file, the row keys of its case parameters)
+    "block_sparse_matmul": ("bench_block_sparse_matmul.py", ("model", "layer", "batch", "dtype", "density", "block")),
+    "semi_structured_matmul": ("bench_semi_structured_matmul.py", ("model", "layer", "batch", "dtype")),
+    "patch_drop_attention": ("bench_patch_drop_attention.py", ("model", "tokens", "batch", "keep_ratio")),
+}
+
+
+def test_the_headline_grids_measure_every_target(harness, monkeypatch):
+    """lotus gpu-check runs each bench file's headline grid: every target finds its rows there (on CUDA), with the
+    provider it is compared with, for each layer / batch it is judged per."""
+    monkeypatch.setenv("LOTUS_BENCH_GRID", "headline")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for group, (file, keys) in LAYER_BENCHES.items():
+        module = _load(f"lotus_headline_{group}", ROOT / "bench" / file, conftest=harness)
+        rows = []
+        for case in module.CASES:
+            values = dict(zip(keys, case.values))
+            values["dtype"] = str(values.get("dtype", getattr(module, "DTYPE", None)))
+            rows += [{**values, "provider": p, "mode": m} for p in module.PROVIDERS for m in ("forward", "forward_backward")]
+        assert len(rows) <= 120, (group, len(rows))  # a headline, not the whole grid
+        for target in [t for t in bench_report.TARGETS if t.group == group]:
+            found = [r for r in rows if all(bench_report._same(r.get(k), v) for k, v in target.where)
+                     and any(all(bench_report._same(r.get(k), v) for k, v in wanted) for _, wanted in target.variants)]
+            assert found, target.name
+            assert target.versus == "dense" or target.versus in module.PROVIDERS, target.name
+            per = {tuple(r[k] for k in target.per) for r in found}
+            if "layer" in target.per:
+                assert {p[target.per.index("layer")] for p in per} == {"fc1", "fc2"}, target.name
+    vit_grid = _load("lotus_headline_vit", ROOT / "bench" / "bench_vit.py", conftest=harness).GRID
+    assert len(vit_grid) == 12 and {(m, w, b, c) for m, w, b, c, _ in vit_grid} == {("vit_b16_224", w, 256, "eager") for w in ("infer", "train")}
