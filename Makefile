@@ -11,7 +11,7 @@ DEPS_STAMP := $(VENV)/.lotus-deps
 EXT_STAMP := $(VENV)/.lotus-ext
 EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
 
-.PHONY: test demo install pytest ctest bench bench-gpu info clean
+.PHONY: test demo install pytest ctest bench bench-gpu gpu-check info clean
 
 test: install ctest
 	$(PY) -m pytest tests/
@@ -31,6 +31,13 @@ bench: install
 # into one folder (default $$OUT); BENCH_ARGS='-k ...' passes pytest args to the benchmarks.
 bench-gpu:
 	bash bench/run_gpu.sh $(BENCH_OUT)
+
+# A GPU lease's first command (torch/triton/timm preinstalled, no venv): `lotus gpu-check`, every step in its own
+# process under one budget, results in $$OUT (or GPU_CHECK_OUT); it builds the extension itself when needed.
+# GPU_CHECK_ARGS='--budget 480 --steps ...' passes arguments on.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m lotus_kernels gpu-check $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(GPU_CHECK_ARGS)
 
 info: install
 	$(PY) -m lotus_kernels.info

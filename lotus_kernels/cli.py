@@ -16,6 +16,7 @@
     lotus finetune --checkpoint PRUNED.pt --out DIR [--epochs 5] [--lr LR]
                   [--keep-ratio R [--mode online|fixed --selector DENSE.pt | --mode random]] [--set key=value ...] [--overwrite]
     lotus export  --checkpoint FILE.pt --out MODEL.safetensors
+    lotus gpu-check [--budget 480] [--out DIR] [--steps NAME ...] [--resume]
 
 A run folder (``--out``; default ``runs/<model>-<dataset>-<UTC time>``) holds
 the resolved config.json, checkpoints/, metrics.jsonl, report.md and
@@ -34,7 +35,7 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "report", "info", "bench-report", "pipeline", "ablate", "tickets", "prune", "finetune", "export")
+COMMANDS = ("train", "eval", "report", "info", "bench-report", "pipeline", "ablate", "tickets", "prune", "finetune", "export", "gpu-check")
 
 # `lotus pipeline --demo`: the whole method on the embedded synthetic set in a few minutes on a CPU.
 DEMO_PIPELINE = {
@@ -458,7 +459,32 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True, help="MODEL.safetensors")
     export.set_defaults(func=_export)
+
+    gpu = commands.add_parser(
+        "gpu-check", help="what a short GPU lease must learn, in priority order, each step in its own process under one budget",
+        description="Steps in priority order (build, env, speed-block, speed-attn, cusparselt, speed-2to4, speed-vit, "
+        "correctness, correctness-cusparselt, tests, cifar10), each in its own subprocess under a deadline carved from "
+        "--budget; results go to at most 8 files in --out (summary.md, gpu_check.json, cases.jsonl, tests.jsonl, steps.log).",
+    )
+    gpu.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 480)")
+    gpu.add_argument("--out", help="output folder (default $OUT, else runs/gpu-check-<UTC time>)")
+    gpu.add_argument("--steps", nargs="+", metavar="NAME", help="run only these steps (in their priority order)")
+    gpu.add_argument("--resume", action="store_true", help="keep --out's earlier results; the tests step skips tests that passed there")
+    gpu.set_defaults(func=_gpu_check)
     return parser
+
+
+def _gpu_check(args) -> int:
+    import os
+
+    from .gpu_check import run
+
+    out = args.out or os.environ.get("OUT") or f"runs/gpu-check-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    command = f"lotus gpu-check --budget {args.budget:g} --out {out}" + (f" --steps {' '.join(args.steps)}" if args.steps else "")
+    command += " --resume" if args.resume else ""
+    results = run(out, budget=args.budget, steps=args.steps, resume=args.resume, command=command)
+    print(f"gpu-check: results in {out} (summary.md)")
+    return 0 if all(r.status in ("passed", "skipped") for r in results) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

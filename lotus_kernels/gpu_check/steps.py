@@ -1,0 +1,371 @@
+"""What each gpu-check step runs (``STEPS``, in priority order), and the bodies of the steps that are not pytest.
+
+Each step is a command for ``runner.run_isolated``. The speed steps are the
+benchmarks of bench/ (one implementation of each benchmark) on their
+headline grid (``LOTUS_BENCH_GRID=headline``), every measured case appended
+to cases.jsonl as it is measured (``LOTUS_BENCH_JSONL``); the correctness and
+test steps are pytest with ``pytest_progress`` (one line per test in
+tests.jsonl, the step's deadline respected, resumable). Kernels autotune
+over a few configs (``LOTUS_AUTOTUNE=quick``) unless the environment says
+otherwise: a lease cannot spend 10-25 s compiling every config of every kernel.
+
+Bodies run here (``python -m lotus_kernels.gpu_check.steps NAME OUT``):
+- ``env``: environment and measured peaks: a bf16 8192^3 matmul and a 1 GiB
+  device copy on CUDA (an fp32 512^3 matmul and a 64 MiB copy on CPU);
+- ``cusparselt``: each cuSPARSELt call configuration (``cusparselt.CONFIGS``)
+  probed in a process of its own (``cusparselt-config NAME``): fp16 and bf16,
+  rows not a multiple of 8, 16 and 64 and several row counts of one power-of-two
+  bucket, each case written before the next starts (so a device fault names
+  the case it hit), then timed at ViT-B MLP shape against dense. The step
+  fails only if the proven configuration fails; later steps then run with
+  ``LOTUS_CUSPARSELT=off``;
+- ``cifar10``: a short dense training run of the tiny preset on CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .runner import Command, Context, Step, StepResult, append_jsonl, output_path, read_jsonl
+
+PLUGIN = "lotus_kernels.gpu_check.pytest_progress"
+DATA_ENV = "LOTUS_CIFAR10"
+DEFAULT_DATA = Path(".data") / "cifar10-jpeg.tar.gz"
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+
+def _outputs(ctx: Context, **extra: str) -> dict[str, str]:
+    """A step's environment: where its records go (the run's files), how hard kernels autotune, and extra."""
+    env = {
+        "LOTUS_BENCH_JSONL": str(output_path(ctx.out, "cases.jsonl").resolve()),
+        "LOTUS_TEST_LOG": str(output_path(ctx.out, "tests.jsonl").resolve()),
+        "LOTUS_AUTOTUNE": os.environ.get("LOTUS_AUTOTUNE", "quick"),
+    }
+    return {**env, **extra}
+
+
+def _pytest(ctx: Context, *args: str) -> list[str]:
+    return [ctx.python, "-m", "pytest", *args, "-p", "no:cacheprovider", "-p", PLUGIN, "-rfEs", "-q"]
+
+
+def _needs_source(ctx: Context) -> str | None:
+    return None if ctx.root is not None else "needs the source checkout (bench/ and tests/): run gpu-check from the repository"
+
+
+def _body(name: str):
+    def prepare(ctx: Context) -> Command:
+        return Command([ctx.python, "-m", "lotus_kernels.gpu_check.steps", name, str(ctx.out.resolve())], _outputs(ctx))
+
+    return prepare
+
+
+def _bench(file: str):
+    def prepare(ctx: Context) -> Command | str:
+        return _needs_source(ctx) or Command(_pytest(ctx, f"bench/{file}", "--benchmark-only"), _outputs(ctx, LOTUS_BENCH_GRID="headline"))
+
+    return prepare
+
+
+def _correctness(selection: str, *files: str):
+    def prepare(ctx: Context) -> Command | str:
+        return _needs_source(ctx) or Command(_pytest(ctx, *files, "tests/test_gpu_quick.py", "-k", selection, "-v"), _outputs(ctx))
+
+    return prepare
+
+
+def xdist_workers() -> int:
+    """pytest-xdist workers for the full suite: one per core up to 12 (0: xdist is not installed)."""
+    if importlib.util.find_spec("xdist") is None:
+        return 0
+    return max(1, min(12, os.cpu_count() or 1))
+
+
+def _tests(ctx: Context) -> Command | str:
+    missing = _needs_source(ctx)
+    if missing:
+        return missing
+    argv = _pytest(ctx, "tests/")
+    workers = xdist_workers()
+    if workers > 1:
+        argv += ["-n", str(workers)]
+    env = _outputs(ctx)
+    # The suite's own default (tests/conftest.py) is LOTUS_AUTOTUNE=off: correctness does not depend on the tile.
+    if "LOTUS_AUTOTUNE" not in os.environ:
+        env.pop("LOTUS_AUTOTUNE")
+    if ctx.resume:
+        # Tests that passed in this folder before are not run again (the plugin deselects them).
+        env["LOTUS_TEST_RESUME"] = env["LOTUS_TEST_LOG"]
+    return Command(argv, env)
+
+
+def _build(ctx: Context) -> Command | str:
+    from .. import _extension
+
+    if _extension.is_built() and os.environ.get("LOTUS_GPU_CHECK_REBUILD") != "1":
+        return "the extension is already built (LOTUS_GPU_CHECK_REBUILD=1 rebuilds)"
+    if ctx.root is None:
+        return "not built, and there is no source checkout to build from"
+    # For this GPU's architecture only (both default arches take twice as long), every core compiling.
+    script = (
+        "import os, subprocess, sys, torch\n"
+        "if torch.cuda.is_available() and 'TORCH_CUDA_ARCH_LIST' not in os.environ:\n"
+        "    os.environ['TORCH_CUDA_ARCH_LIST'] = '%d.%d' % torch.cuda.get_device_capability()\n"
+        "os.environ.setdefault('MAX_JOBS', str(os.cpu_count() or 1))\n"
+        "sys.exit(subprocess.call([sys.executable, '-m', 'pip', 'install', '-e', sys.argv[1], '--no-build-isolation', '--no-deps', '-q']))\n"
+    )
+    return Command([ctx.python, "-c", script, str(ctx.root)])
+
+
+def _data_path() -> Path | None:
+    path = Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
+    return path if path.exists() else None
+
+
+def _cifar10(ctx: Context) -> Command | str:
+    if _data_path() is None:
+        return f"no CIFAR-10 data: put the archive at {DEFAULT_DATA} or name it in ${DATA_ENV}"
+    return _body("cifar10")(ctx)
+
+
+def _cusparselt_after(ctx: Context, result: StepResult) -> None:
+    # The proven configuration failed on this GPU: nothing later may touch cuSPARSELt.
+    if result.status not in ("passed", "skipped"):
+        ctx.env["LOTUS_CUSPARSELT"] = "off"
+
+
+STEPS = (
+    Step("build", "build the extension when it is not built", _build, min_s=30, max_s=300),
+    Step("env", "environment and measured peaks", _body("env"), min_s=10, max_s=90),
+    Step("speed-block", "block-sparse linear vs cuBLAS and torch BSR", _bench("bench_block_sparse_matmul.py"), min_s=30, max_s=120),
+    Step("speed-attn", "patch-drop attention vs SDPA and gather + SDPA", _bench("bench_patch_drop_attention.py"), min_s=20, max_s=90),
+    Step("cusparselt", "cuSPARSELt call configurations, each in its own process", _body("cusparselt"), min_s=20, max_s=120, after=_cusparselt_after),
+    Step("speed-2to4", "2:4 linear vs cuBLAS, torch semi-structured, ours and auto", _bench("bench_semi_structured_matmul.py"), min_s=30, max_s=120),
+    Step("speed-vit", "ViT-B/16 batch 256 inference and training step", _bench("bench_vit.py"), min_s=60, max_s=240),
+    Step("correctness", "fast tier: every op forward and backward", _correctness("not cusparselt"), min_s=30, max_s=180),
+    Step("correctness-cusparselt", "fast tier, cuSPARSELt apart", _correctness("cusparselt", "tests/test_cusparselt.py"), min_s=15, max_s=90),
+    Step("tests", "the whole test suite (resumable)", _tests, min_s=60),
+    Step("cifar10", "a short CIFAR-10 training run", _cifar10, min_s=60),
+)
+
+
+# ---------------------------------------------------------------------------
+# bodies
+# ---------------------------------------------------------------------------
+
+
+def _record(out: Path, record: dict) -> None:
+    step = os.environ.get("LOTUS_STEP", "")
+    append_jsonl(output_path(out, "cases.jsonl"), {"step": step, **record})
+    print(json.dumps(record, default=str), flush=True)
+
+
+def _past_deadline(margin_s: float = 0.0) -> bool:
+    deadline = os.environ.get("LOTUS_DEADLINE")
+    return deadline is not None and time.time() + margin_s > float(deadline)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    import torch
+
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        times = sorted(s.elapsed_time(e) for s, e in events)
+    else:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+    return times[len(times) // 2]
+
+
+def env_step(out: Path) -> int:
+    """Environment and the device's measured peaks, one record each."""
+    import torch
+
+    from ..info import collect, environment
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    info = collect()
+    record = {"group": "env", "name": "environment", **environment(device), "extension": info.get("extension"), "cuda_devices": info.get("cuda_devices")}
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        record.update(sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1), capability=list(torch.cuda.get_device_capability(0)))
+    _record(out, record)
+    n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = _median_ms(lambda: a @ b, 10)
+    _record(out, {"group": "env", "name": "peak_matmul", "op": f"{str(dtype)[6:]} {n}^3 matmul", "device": record["device"], "p50_ms": ms, "tflops": 2 * n**3 / ms / 1e9})
+    numel = (2**30 if cuda else 2**26) // 4
+    src = torch.empty(numel, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), 10)
+    _record(out, {"group": "env", "name": "peak_copy", "op": f"copy of {numel * 4 / 2**20:.0f} MiB", "device": record["device"], "p50_ms": ms, "gb_per_s": 2 * numel * 4 / ms / 1e6})
+    return 0
+
+
+# Probe cases: rows M of x for a [N, K] weight. 1581 (ViT-B at batch 8: not a multiple of 8) is where fp16
+# crashed; 1544 / 1552 / 1600 are multiples of 8 / 16 / 64 only; all but 1100 share one power-of-two bucket (2048).
+PROBE_ROWS = (1581, 1544, 1552, 1600, 2000, 1100)
+PROBE_SHAPES = ((3072, 768), (768, 3072))  # ViT-B fc1, fc2: (N, K)
+PROBE_TIMING_ROWS = 256 * 197  # ViT-B/16 at batch 256
+
+
+def cusparselt_step(out: Path) -> int:
+    """Every configuration in its own process, the proven ones first; fails only if a proven one fails."""
+    import torch
+
+    from .. import cusparselt
+
+    if not torch.cuda.is_available():
+        _record(out, {"group": "cusparselt_probe", "name": "skipped", "status": "skipped", "reason": "no CUDA device"})
+        print("cusparselt: no CUDA device here: nothing to probe")
+        return 0
+    order = sorted(cusparselt.CONFIGS, key=lambda name: name not in cusparselt.PROVEN)
+    failed_proven = []
+    for name in order:
+        deadline = float(os.environ.get("LOTUS_DEADLINE", time.time() + 600))
+        left = deadline - time.time()
+        if left < 10:
+            _record(out, {"group": "cusparselt_config", "name": name, "config": name, "status": "skipped", "reason": "step deadline"})
+            continue
+        # Each configuration gets an equal share of what is left (the last one all of it).
+        share = left / (len(order) - order.index(name))
+        env = {**os.environ, cusparselt.ENV: name, "LOTUS_DEADLINE": f"{time.time() + share:.3f}"}
+        start = time.monotonic()
+        try:
+            done = subprocess.run([sys.executable, "-m", "lotus_kernels.gpu_check.steps", "cusparselt-config", str(out), name], env=env, timeout=share + 10)
+            returncode, status = done.returncode, "passed" if done.returncode == 0 else "crashed" if done.returncode < 0 else "failed"
+        except subprocess.TimeoutExpired:
+            returncode, status = None, "timeout"
+        cases = [c for c in read_jsonl(output_path(out, "cases.jsonl")) if c.get("group") == "cusparselt_probe" and c.get("config") == name]
+        last = cases[-1]["name"] if cases else None
+        _record(out, {
+            "group": "cusparselt_config", "name": name, "config": name, "proven": name in cusparselt.PROVEN, "status": status,
+            "returncode": returncode, "seconds": round(time.monotonic() - start, 1), "cases": len(cases),
+            "cases_ok": sum(bool(c.get("ok")) for c in cases), "last_case": last,
+        })
+        if status != "passed" and name in cusparselt.PROVEN:
+            failed_proven.append(name)
+    return 1 if failed_proven else 0
+
+
+def _rel_err(got, exact) -> float:
+    return float((got.double() - exact).norm() / exact.norm().clamp_min(1e-30))
+
+
+def cusparselt_config_step(out: Path, name: str) -> int:
+    """One configuration: correctness at awkward rows, fp16 and bf16, then speed at ViT-B MLP shapes.
+
+    Each case is written before the next starts; a device fault ends the
+    process, and the last record names the last case that completed.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .. import SparseLinear, cusparselt, masks
+
+    cusparselt.set_call_config(name)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, k in PROBE_SHAPES:
+            w = torch.randn(n, k, generator=g) / k**0.5
+            w = w * masks.nm_mask(w)
+            linear = torch.nn.Linear(k, n).to("cuda", dtype)
+            with torch.no_grad():
+                linear.weight.copy_(w)
+            layer = SparseLinear.from_dense(linear, "2:4", backend="cusparselt")
+            for m in PROBE_ROWS:
+                if _past_deadline(2):
+                    return 0
+                x = torch.randn(m, k, generator=g).to("cuda", dtype)
+                case = f"{name}-{str(dtype)[6:]}-{n}x{k}-m{m}"
+                print(f"running {case}", flush=True)
+                with torch.no_grad():
+                    y = layer(x)
+                    torch.cuda.synchronize()
+                    exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+                    same = F.linear(x, linear.weight, linear.bias)
+                err, torch_err = _rel_err(y, exact), _rel_err(same, exact)
+                _record(out, {
+                    "group": "cusparselt_probe", "name": case, "config": name, "dtype": str(dtype), "M": m, "N": n, "K": k,
+                    "rel_err": err, "torch_rel_err": torch_err, "ok": bool(err <= 2 * torch_err + 1e-3),
+                })
+            if _past_deadline(5):
+                return 0
+            x = torch.randn(PROBE_TIMING_ROWS, k, generator=g).to("cuda", dtype)
+            with torch.no_grad():
+                ms = _median_ms(lambda: layer(x), 20)
+                dense_ms = _median_ms(lambda: linear(x), 20)
+            _record(out, {
+                "group": "cusparselt_probe", "name": f"{name}-{str(dtype)[6:]}-{n}x{k}-m{PROBE_TIMING_ROWS}-timing", "config": name,
+                "dtype": str(dtype), "M": PROBE_TIMING_ROWS, "N": n, "K": k, "p50_ms": ms, "dense_p50_ms": dense_ms,
+                "speedup_vs_dense": dense_ms / ms, "ok": True,
+            })
+    return 0
+
+
+def cifar10_step(out: Path) -> int:
+    """A short dense run of the tiny preset on CIFAR-10 (lotus train, full profile, 2 epochs); one record."""
+    import torch
+
+    from ..info import environment
+
+    data = _data_path()
+    epochs = int(os.environ.get("LOTUS_GPU_CHECK_EPOCHS", "2"))
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            sys.executable, "-m", "lotus_kernels", "train", "--data", "cifar10", "--data-path", str(data), "--preset", "tiny",
+            "--profile", "full", "--epochs", str(epochs), "--set", "progress=false", "--out", tmp, "--overwrite",
+        ]
+        start = time.perf_counter()
+        done = subprocess.run(command)
+        wall = time.perf_counter() - start
+        metrics = read_jsonl(Path(tmp) / "metrics.jsonl")
+    _record(out, {
+        "group": "cifar10", "name": f"tiny-{epochs}ep", **environment("cuda" if torch.cuda.is_available() else "cpu"),
+        "command": " ".join(command[1:]).replace(str(tmp), "TMP"), "returncode": done.returncode, "wall_s": round(wall, 1), "metrics": metrics,
+        "final_test_acc": metrics[-1].get("test_acc") if metrics else None,
+    })
+    return done.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lotus_kernels.gpu_check.steps", description="one gpu-check step body")
+    parser.add_argument("step", choices=("env", "cusparselt", "cusparselt-config", "cifar10"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("config", nargs="?", help="cusparselt-config: the configuration's name")
+    args = parser.parse_args(argv)
+    if args.step == "env":
+        return env_step(args.out)
+    if args.step == "cusparselt":
+        return cusparselt_step(args.out)
+    if args.step == "cusparselt-config":
+        return cusparselt_config_step(args.out, args.config)
+    return cifar10_step(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
