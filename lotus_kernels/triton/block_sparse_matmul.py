@@ -213,9 +213,9 @@ _SDD_CONFIGS = [
     triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
     for block_m, warps, stages in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
 ]
-# LOTUS_AUTOTUNE=quick: a middle tile (also "off"'s single config), then a small-M and a large-M one.
-_MATMUL_QUICK = (2, 0, 6)
-_SDD_QUICK = (1, 4)
+# LOTUS_AUTOTUNE=quick: a middle tile, a small-M and a large-M one; =off: the smallest tile (_common.autotune).
+_MATMUL_QUICK, _MATMUL_OFF = (2, 0, 6), 0
+_SDD_QUICK, _SDD_OFF = (1, 4), 0
 
 if INTERPRET:
     # One fixed config: the interpreter is slow and its timings mean nothing.
@@ -225,9 +225,9 @@ if INTERPRET:
 else:
     _INTERPRETER_META = {}
     _matmul = autotune(
-        _bsr_matmul_kernel, _MATMUL_CONFIGS, ["M_BUCKET", "N", "K", "NNZ_BUCKET", "BH", "BW", "TRANSPOSED", "ACTIVATION"], _MATMUL_QUICK
+        _bsr_matmul_kernel, _MATMUL_CONFIGS, ["M_BUCKET", "N", "K", "NNZ_BUCKET", "BH", "BW", "TRANSPOSED", "ACTIVATION"], _MATMUL_QUICK, _MATMUL_OFF
     )
-    _sdd = autotune(_bsr_sdd_kernel, _SDD_CONFIGS, ["M_BUCKET", "NNZ_BUCKET", "SPLITS", "BH", "BW"], _SDD_QUICK)
+    _sdd = autotune(_bsr_sdd_kernel, _SDD_CONFIGS, ["M_BUCKET", "NNZ_BUCKET", "SPLITS", "BH", "BW"], _SDD_QUICK, _SDD_OFF)
 
 
 def bsr_matmul(

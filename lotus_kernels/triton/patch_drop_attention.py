@@ -393,9 +393,10 @@ _BWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 3), (32, 32, 4, 2), (64, 32, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2)]
 ]
-# LOTUS_AUTOTUNE=quick (see _common.autotune): 64x64 tiles first (also "off"'s single config), then one alternative.
-_FWD_QUICK = (1, 3)
-_BWD_QUICK = (1, 0)
+# LOTUS_AUTOTUNE=quick (see _common.autotune): 64x64 tiles and one alternative; =off: the smallest tile, which
+# fits every arch's shared memory even in fp32 at head_dim 128 (the ahead-of-time compile test checks it).
+_FWD_QUICK, _FWD_OFF = (1, 3), 5
+_BWD_QUICK, _BWD_OFF = (1, 0), 3
 
 if INTERPRET:
     # One small fixed config: the interpreter is slow and its timings mean nothing.
@@ -405,9 +406,9 @@ if INTERPRET:
     _bwd_dq = _pda_bwd_dq_kernel
 else:
     _INTERPRETER_META = {}
-    _fwd = autotune(_pda_fwd_kernel, _FWD_CONFIGS, ["K_BUCKET", "BLOCK_D", "CLS", "IDENTITY"], _FWD_QUICK)
-    _bwd_dkdv = autotune(_pda_bwd_dkdv_kernel, _BWD_CONFIGS, ["K_BUCKET", "BLOCK_D", "IDENTITY"], _BWD_QUICK)
-    _bwd_dq = autotune(_pda_bwd_dq_kernel, _BWD_CONFIGS, ["K_BUCKET", "BLOCK_D", "IDENTITY"], _BWD_QUICK)
+    _fwd = autotune(_pda_fwd_kernel, _FWD_CONFIGS, ["K_BUCKET", "BLOCK_D", "CLS", "IDENTITY"], _FWD_QUICK, _FWD_OFF)
+    _bwd_dkdv = autotune(_pda_bwd_dkdv_kernel, _BWD_CONFIGS, ["K_BUCKET", "BLOCK_D", "IDENTITY"], _BWD_QUICK, _BWD_OFF)
+    _bwd_dq = autotune(_pda_bwd_dq_kernel, _BWD_CONFIGS, ["K_BUCKET", "BLOCK_D", "IDENTITY"], _BWD_QUICK, _BWD_OFF)
 
 
 def _index_args(keep_idx: torch.Tensor | None, counts: torch.Tensor) -> tuple[torch.Tensor, int, int]:
