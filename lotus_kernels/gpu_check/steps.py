@@ -80,7 +80,8 @@ def _bench(file: str):
 
 def _correctness(selection: str, *files: str):
     def prepare(ctx: Context) -> Command | str:
-        return _needs_source(ctx) or Command(_pytest(ctx, *files, "tests/test_gpu_quick.py", "-k", selection, "-v"), _outputs(ctx))
+        argv = _pytest(ctx, *files, "tests/test_gpu_quick.py", "-k", selection, "-v", "--durations=10")
+        return _needs_source(ctx) or Command(argv, _outputs(ctx))
 
     return prepare
 
@@ -96,7 +97,7 @@ def _tests(ctx: Context) -> Command | str:
     missing = _needs_source(ctx)
     if missing:
         return missing
-    argv = _pytest(ctx, "tests/")
+    argv = _pytest(ctx, "tests/", "--durations=25")  # where the time goes (Triton compiles, mostly) lands in steps.log
     workers = xdist_workers()
     if workers > 1:
         argv += ["-n", str(workers)]
