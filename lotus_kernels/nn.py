@@ -21,6 +21,7 @@ j // 8.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -277,6 +278,18 @@ class SparseLinear(nn.Module):
             keep = torch.zeros(self.out_features, self.in_features // 4, 4, dtype=torch.bool, device=slots.device)
             return keep.scatter(-1, slots, True).reshape(self.out_features, self.in_features)
         return unpack_mask_bits(self.packed_mask, self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The masked dense weight [out_features, in_features], for code written against nn.Linear
+        (timm's EVA and BEiT attention call ``F.linear(x, self.qkv.weight, bias)`` themselves).
+
+        A copy, made on every access: writing to it changes nothing (there is
+        no setter; change the layer with ``set_weight_``). Differentiable
+        w.r.t. ``values``, so such code still trains the kept weights; it runs
+        at dense speed, since the caller does the matmul.
+        """
+        return self.to_dense()
 
     @property
     def density(self) -> float:
@@ -543,6 +556,16 @@ def sparsify_(
     unknown -= set(replaced)
     if unknown:
         raise ValueError(f"sparsify_: masks given for layers that were not sparsified: {sorted(unknown)}")
+    if not replaced:
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        listed = ", ".join(linears[:5]) + (", ..." if len(linears) > 5 else "")
+        warnings.warn(
+            f"sparsify_: no layer of {type(model).__name__} matched filter_fn={getattr(filter_fn, '__name__', filter_fn)!r}, "
+            f"so nothing was sparsified (it has {len(linears)} nn.Linear{': ' + listed if linears else ''}); "
+            "pass a filter_fn that selects the layers to prune",
+            UserWarning,
+            stacklevel=2,
+        )
     if config.fuse_gelu:
         _fuse_mlp_gelu(model)
     return model
@@ -650,6 +673,18 @@ class SparsitySummary:
     @property
     def compact_bytes(self) -> int:
         return sum(layer.compact_bytes for layer in self.layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The masked dense weight [out_features, in_features], for code written against nn.Linear
+        (timm's EVA and BEiT attention call ``F.linear(x, self.qkv.weight, bias)`` themselves).
+
+        A copy, made on every access: writing to it changes nothing (there is
+        no setter; change the layer with ``set_weight_``). Differentiable
+        w.r.t. ``values``, so such code still trains the kept weights; it runs
+        at dense speed, since the caller does the matmul.
+        """
+        return self.to_dense()
 
     @property
     def density(self) -> float:

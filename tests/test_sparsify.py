@@ -69,6 +69,58 @@ def test_sparsify_timm_models_equals_fake_sparse(name, config):
         assert torch.equal(sparse(x), fake_sparse(dense, sparse)(x))
 
 
+FAMILIES = {  # timm name -> (create_model kwargs, input side): small inputs, the layers are the full model's
+    "eva02_tiny_patch14_224": ({"img_size": 56}, 56),
+    "swin_tiny_patch4_window7_224": ({"img_size": 112}, 112),
+    "convnext_tiny": ({}, 64),
+}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sparsify_other_timm_families_equals_fake_sparse(name):
+    # EVA reads qkv.weight itself (F.linear(x, self.qkv.weight, qkv_bias)); Swin is a windowed transformer;
+    # ConvNeXt's MLP is a pair of nn.Linear layers in a convolutional network.
+    kwargs, side = FAMILIES[name]
+    torch.manual_seed(0)
+    dense = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    sparse = sparsify_(copy.deepcopy(dense), "2:4")
+    assert len(sparsity_summary(sparse)) >= 2 * sum(1 for n, _ in dense.named_modules() if n.endswith(".mlp"))
+    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(sparse(x), fake_sparse(dense, sparse)(x))
+
+
+def test_an_eva_model_that_reads_weight_itself_still_trains_the_kept_weights():
+    torch.manual_seed(0)
+    model = sparsify_(timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=10, img_size=28, patch_size=14), "2:4")
+    qkv = model.blocks[0].attn.qkv
+    assert isinstance(qkv, SparseLinear)
+    model(torch.randn(2, 3, 28, 28)).square().mean().backward()
+    assert qkv.values.grad is not None and bool(qkv.values.grad.abs().sum() > 0)
+
+
+def test_weight_is_the_masked_dense_weight_a_differentiable_read_only_copy():
+    linear = nn.Linear(64, 32)
+    layer = SparseLinear.from_dense(linear, "unstructured", sparsity=0.5)
+    weight = layer.weight
+    assert torch.equal(weight, linear.weight * layer.mask()) and weight.shape == (layer.out_features, layer.in_features)
+    with torch.no_grad():
+        weight.zero_()  # a copy: the layer is unchanged
+    assert torch.equal(layer.weight, linear.weight * layer.mask())
+    with pytest.raises(AttributeError):
+        layer.weight = torch.zeros(32, 64)
+    layer.weight.sum().backward()
+    assert torch.equal(layer.values.grad, torch.ones_like(layer.values))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_sparsify_warns_when_no_layer_matches(name):
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    with pytest.warns(UserWarning, match=r"no layer of \w+ matched filter_fn='default_filter', so nothing was sparsified .*nn.Linear"):
+        assert sparsify_(model, "2:4") is model
+    assert len(sparsity_summary(model)) == 0
+
+
 def test_sparsify_returns_the_model_and_accepts_a_pattern_string():
     model = small_vit()
     assert sparsify_(model, "2:4") is model
