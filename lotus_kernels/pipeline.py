@@ -246,33 +246,22 @@ def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, hook=
 
 
 def export_safetensors(model: nn.Module, path, metadata: dict) -> Path:
-    """The model's state_dict (SparseLinear layers compact) as safetensors; layouts and metadata as JSON in the header."""
-    from safetensors.torch import save_file
+    """The model as safetensors (SparseLinear layers compact; ``serialization.save_sparse``), ``metadata`` (the
+    training config and class count) in the header so ``load_exported`` can rebuild it."""
+    from .serialization import save_sparse
 
-    state = model.state_dict()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-    path = Path(path)
-    save_file(tensors, str(path), metadata={"lotus": json.dumps({**metadata, "extra_state": extra}, default=str)})
-    return path
+    return save_sparse(model, path, metadata=metadata)
 
 
 def load_exported(path, train_config: engine.TrainConfig | None = None) -> nn.Module:
     """Rebuild an exported model: the architecture from its recorded TrainConfig, SparseLinear layouts from the header."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from .serialization import load_sparse, read_header
 
-    from .nn import sparsify_like_
-
-    with safe_open(str(path), "pt") as f:
-        header = json.loads(f.metadata()["lotus"])
+    header = read_header(path)
+    if train_config is None and "train_config" not in header:
+        raise ValueError(f"{path} records no training config: load it with lotus_kernels.load_sparse(model_or_timm_name, path)")
     config = train_config or engine.TrainConfig.from_dict(header["train_config"])
-    state = dict(load_file(str(path)))
-    state.update(header["extra_state"])
-    model = engine.build_model(config, header["num_classes"])
-    sparsify_like_(model, state)
-    model.load_state_dict(state)
-    return model.eval()
+    return load_sparse(engine.build_model(config, header["num_classes"]), path)
 
 
 def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
