@@ -43,7 +43,6 @@ from .patch_dropping import disable_patch_dropping_
 from .pipeline import (
     PipelineConfig,
     _eval_both,
-    _plot_histories,
     _stage_config,
     _train_on_tickets,
     instant_soup_stage,
@@ -52,7 +51,7 @@ from .pipeline import (
 )
 from .pruning import essential_sparsity_sweep, hold_masks_, one_shot_masks, release_masks_
 from .pruning.masking import apply_masks_, global_sparsity, weight_sparsity
-from .report import metrics_table
+from .report import metrics_table, plot_stage_accuracy
 from .tickets import TicketSelector, expected_random_overlap, prepare_student_, ticket_hooks, ticket_overlap
 
 
@@ -296,7 +295,10 @@ def write_ablation_report(out: Path, summary: dict, histories: dict) -> Path:
         lines += [f"- the dense model after {k.removeprefix('dense_').replace('_', '-')} pruning: {v:.3f}" for k, v in overlap.items() if k != "random_expected"]
     parts = ["\n".join(lines)]
     if histories:
-        _plot_histories(histories, out / "recovery.png", f"Recovery on tickets after pruning to {summary['target_sparsity']:.0%}")
+        plot_stage_accuracy(
+            [(name, history, 0) for name, history in histories.items()], out / "recovery.png",
+            f"Recovery on tickets after pruning to {summary['target_sparsity']:.0%}", xlabel="epochs of recovery (fine-tuning on tickets, mask held)",
+        )
         parts.append("![recovery per epoch](recovery.png)")
         for name, history in histories.items():
             parts += [f"### {name}", metrics_table(history, [k for k in ("epoch", "train_loss", "test_acc", "test_tickets_acc") if any(k in r for r in history)])]

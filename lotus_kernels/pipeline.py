@@ -68,7 +68,7 @@ from .pruning import (
     sparsify_masked_,
 )
 from .pruning.masking import global_sparsity, prunable_weights
-from .report import metrics_table
+from .report import metrics_table, plot_stage_accuracy
 from .tickets import TicketSelector, prepare_student_, ticket_hooks
 
 PATTERNS = ("unstructured", "2:4", "block")
@@ -293,24 +293,32 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
     ft = ticket_stage_config(config)
     row("dense", {"acc_all_patches": dense_run.history[-1]["test_acc"]}, 0.0)
     row("tickets", {"acc_all_patches": tickets_run.history[-1]["test_acc"], "acc_tickets": tickets_run.history[-1]["test_tickets_acc"]}, 0.0)
-    histories = {"dense": dense_run.history, "tickets": tickets_run.history}
+    # Each stage's history, with the epochs before it: tickets (and the control) continue the dense model,
+    # the pattern fine-tunes continue the ticket student after pruning.
+    dense_epochs, ticket_epochs = len(dense_run.history), len(tickets_run.history)
+    histories = {"dense": (dense_run.history, 0), "tickets": (tickets_run.history, dense_epochs)}
     if random_run is not None:
-        histories["random patches"] = random_run.history
+        histories["random patches"] = (random_run.history, dense_epochs)
         row("random patches (control)", {"acc_all_patches": random_run.history[-1]["test_acc"], "acc_tickets": random_run.history[-1]["test_tickets_acc"]}, 0.0, "random subset of the same size")
 
     # 3. Essential Sparsity of the dense model
     log("[3/6] Essential Sparsity sweep")
+    split = "val" if "val" in eval_sets else "test"
+    if split == "test":
+        log("  WARNING: no validation split (train.holdout=0): the Essential Sparsity knee and Instant Soup's rounds are "
+            "chosen on the TEST split, so the test accuracies below are optimistic; set train.holdout (e.g. 5000 on CIFAR-10)")
+    summary["decision_split"] = split
     es = essential_sparsity_sweep(dense, val_set, config.es_sparsities, max_drop=config.es_max_drop)
     es.save_json(out / "essential_sparsity.json")
-    plot_essential_sparsity(es, out / "essential_sparsity.png", f"Essential Sparsity ({base.model}, {base.dataset})")
-    log(f"  knee {es.knee:.2f} (dense {es.dense_accuracy:.4f}, max drop {config.es_max_drop})")
+    plot_essential_sparsity(es, out / "essential_sparsity.png", f"Essential Sparsity of the dense model ({base.model}, {base.dataset})", split=split)
+    log(f"  knee {es.knee:.2f} ({split} accuracy: dense {es.dense_accuracy:.2%}, max drop {_points(config.es_max_drop)})")
 
     # 4. Instant Soup Pruning of the ticket student (all patches) to the target
     log(f"[4/6] Instant Soup Pruning to {config.target_sparsity:.0%}")
     pruned = disable_patch_dropping_(copy.deepcopy(student))
     isp = instant_soup_stage(pruned, config, train_set, val_set, es.knee)
     isp.save_json(out / "instant_soup.json")
-    plot_instant_soup(isp, out / "instant_soup.png", f"Instant Soup Pruning to {config.target_sparsity:.0%}")
+    plot_instant_soup(isp, out / "instant_soup.png", f"Instant Soup Pruning of the ticket student to {config.target_sparsity:.0%}", split=split)
     release_masks_(pruned)
 
     # 5. per pattern: project, fine-tune on tickets with the mask held, compact
@@ -330,7 +338,7 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
         prepare_student_(model, config.keep_ratio, mode)
         acc = _eval_both(model, test_set, hooks, base.amp)
         finals[pattern] = (model, masks)
-        histories[f"tickets + {pattern} {config.target_sparsity:.0%}"] = run.history
+        histories[f"tickets + {pattern} {config.target_sparsity:.0%}"] = (run.history, dense_epochs + ticket_epochs)
         row(f"tickets + {pattern} pruning", acc, global_sparsity(masks), "SparseLinear, compact weights")
 
     # 6. export and timing
@@ -373,54 +381,55 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
     return summary
 
 
-def _plot_histories(histories: dict, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, history in histories.items():
-        points = [(r["epoch"], r["test_acc"]) for r in history if r.get("test_acc") is not None]
-        if points:
-            (line,) = ax.plot(*zip(*points), marker="o", markersize=3, label=f"{name}, all patches")
-            # A ticket-trained student is meant to run on its tickets: its all-patch
-            # accuracy alone would hide what it learnt, so both are drawn.
-            tickets = [(r["epoch"], r["test_tickets_acc"]) for r in history if r.get("test_tickets_acc") is not None]
-            if tickets:
-                ax.plot(*zip(*tickets), marker="x", markersize=4, linestyle="--", color=line.get_color(), label=f"{name}, on its kept patches")
-    ax.set_xlabel("epoch (of each stage)")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _points(fraction: float) -> str:
+    """An accuracy difference given as a fraction, in points: 0.01 -> "1 point", 0.015 -> "1.5 points"."""
+    value = 100 * fraction
+    return f"{value:g} point" + ("" if value == 1 else "s")
 
 
 def write_pipeline_report(out: Path, config: PipelineConfig, summary: dict, histories: dict) -> Path:
+    """report.md and accuracy_per_epoch.png. histories: {stage name: (per-epoch history, epochs before the stage)}.
+
+    Every accuracy is a percentage that names its split; differences are in points.
+    """
     title = f"LOTUS pipeline: {summary['model']} on {summary['dataset']}" + (" (synthetic data)" if summary["dataset"] == "synthetic" else "")
-    _plot_histories(histories, out / "accuracy_per_epoch.png", title)
-    rows = ["| stage | sparsity | test acc, all patches | test acc, tickets | note |", "|---|---|---|---|---|"]
+    stages = [(name, history, start) for name, (history, start) in histories.items()]
+    dense_epochs = len(histories["dense"][0])
+    ticket_epochs = len(histories["tickets"][0])
+    plot_stage_accuracy(stages, out / "accuracy_per_epoch.png", title, markers=[(dense_epochs + ticket_epochs + 0.5, "Instant Soup Pruning")])
+    split = summary.get("decision_split", "val")
+    rows = ["| stage | sparsity | test accuracy, all patches | test accuracy, on its kept patches | note |", "|---|---|---|---|---|"]
     for r in summary["rows"]:
         tickets = r.get("acc_tickets")
         rows.append(
-            f"| {r['stage']} | {r['sparsity']:.1%} | {r['acc_all_patches']:.4f} | {'' if tickets is None else f'{tickets:.4f}'} | {r['note']} |"
+            f"| {r['stage']} | {r['sparsity']:.1%} | {r['acc_all_patches']:.2%} | {'' if tickets is None else f'{tickets:.2%}'} | {r['note']} |"
         )
     es = summary["essential_sparsity"]
-    curve = ["| sparsity | accuracy (no fine-tuning) |", "|---|---|"] + [f"| {s:.0%} | {a:.4f} |" for s, a in es["curve"].items()]
+    curve = [f"| sparsity | {split} accuracy, one-shot, no fine-tuning |", "|---|---|"] + [f"| {s:.0%} | {a:.2%} |" for s, a in es["curve"].items()]
     t = summary["timing"]
+    test_note = (
+        f"**The knee and the Instant Soup rounds were chosen on the test split** (no validation split: "
+        f"`train.holdout=0`), so the test accuracies above are optimistic; set `train.holdout` for an honest run."
+        if split == "test" else
+        f"Decisions (the knee, Instant Soup's rounds) are measured on the validation split carved from the training set "
+        f"({config.train_config.holdout} images); the Results table is on the test split."
+    )
     parts = [
         f"# {title}",
         f"Keep ratio {config.keep_ratio} (tickets: top CLS-attention patches of the dense model, {config.ticket_mode} mode), target sparsity "
-        f"{config.target_sparsity:.0%}, patterns {list(config.patterns)}.",
+        f"{config.target_sparsity:.0%}, patterns {list(config.patterns)}. Accuracies are top-1 percentages on the split "
+        "each table or axis names; differences are in points.",
         "## Results", "\n".join(rows),
+        "Each curve continues the model it starts from: tickets and the random control fine-tune the dense model; the "
+        "pattern fine-tunes continue the ticket student after pruning.",
         "![test accuracy per epoch](accuracy_per_epoch.png)",
-        "## Essential Sparsity", f"Knee: {es['knee']:.0%} (largest sparsity within {config.es_max_drop:.1%} of dense {es['dense_accuracy']:.4f}).",
+        "## Essential Sparsity", test_note,
+        f"Knee: {es['knee']:.0%}, the largest swept sparsity whose {split} accuracy is at most {_points(config.es_max_drop)} "
+        f"below the dense model's {es['dense_accuracy']:.2%} ({split}).",
         "\n".join(curve), "![accuracy vs sparsity](essential_sparsity.png)",
-        "## Instant Soup Pruning", f"{summary['instant_soup']['rounds']} rounds, final sparsity {summary['instant_soup']['final_sparsity']:.2%}.",
+        "## Instant Soup Pruning",
+        f"The ticket student (evaluated on all patches, {split} split) pruned from the knee in "
+        f"{summary['instant_soup']['rounds']} rounds to a final sparsity of {summary['instant_soup']['final_sparsity']:.2%}.",
         "![ISP rounds](instant_soup.png)",
         "## Export and timing",
         f"`{Path(summary['export']).name}`: {summary['export_bytes'] / 1e6:.2f} MB.",
@@ -429,7 +438,7 @@ def write_pipeline_report(out: Path, config: PipelineConfig, summary: dict, hist
         "```\n" + summary["sparsity"] + "\n```",
         "## Per-stage metrics",
     ]
-    for name, history in histories.items():
+    for name, (history, _) in histories.items():
         parts += [f"### {name}", metrics_table(history, [k for k in ("epoch", "train_loss", "test_acc", "test_tickets_acc", "images_per_s") if any(k in r for r in history)])]
     parts += ["## Configuration", "```json\n" + json.dumps(config.to_dict(), indent=2) + "\n```"]
     path = out / "report.md"

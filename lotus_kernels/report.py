@@ -65,18 +65,92 @@ def plot_curves(history: Sequence[dict], path, title: str = "") -> Path:
     return path
 
 
+def stage_series(stages: Sequence[tuple[str, Sequence[dict], int]], split: str = "test") -> list[tuple[str, list, bool]]:
+    """(label, [(epoch on the shared axis, accuracy %)], on its kept patches) per curve of ``plot_stage_accuracy``."""
+    key, tickets_key = f"{split}_acc", f"{split}_tickets_acc"
+    series = []
+    for name, history, start in stages:
+        points = [(start + r["epoch"], 100 * r[key]) for r in history if r.get(key) is not None]
+        if not points:
+            continue
+        series.append((f"{name}, all patches", points, False))
+        kept = [(start + r["epoch"], 100 * r[tickets_key]) for r in history if r.get(tickets_key) is not None]
+        if kept:
+            series.append((f"{name}, on its kept patches", kept, True))
+    return series
+
+
+def plot_stage_accuracy(
+    stages: Sequence[tuple[str, Sequence[dict], int]],
+    path,
+    title: str,
+    *,
+    split: str = "test",
+    xlabel: str = "epochs since the start (a stage continues where the model it starts from ended)",
+    markers: Sequence[tuple[float, str]] = (),
+) -> Path:
+    """Accuracy (%) per epoch of several training stages on one continuous axis, legend outside the axes.
+
+    stages: (name, per-epoch history with ``{split}_acc``, epochs before the
+    stage starts): a stage that continues another (tickets fine-tuning the
+    dense model) starts where that one ended, so curves overlap only where
+    stages are alternatives (tickets vs random patches). A student trained on
+    tickets also gets its accuracy on its kept patches (dashed): given all
+    patches it would hide what it learnt. markers: (x, label) vertical lines
+    for events between stages (pruning).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    color = None
+    for label, points, on_tickets in stage_series(stages, split):
+        if on_tickets:  # same stage as the line before it: same color, dashed
+            ax.plot(*zip(*points), marker="x", markersize=4, linestyle="--", color=color, label=label)
+        else:
+            (line,) = ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+            color = line.get_color()
+    for x, label in markers:
+        ax.axvline(x, color="gray", linestyle=":", linewidth=1)
+        ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8, color="gray")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{split} accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
 
 
+def _is_accuracy(key: str) -> bool:
+    return key.endswith("_acc")
+
+
 def metrics_table(history: Sequence[dict], keys: Sequence[str] | None = None) -> str:
-    """A markdown table of the per-epoch metrics (all keys by default, in first-seen order)."""
+    """A markdown table of the per-epoch metrics (all keys by default, in first-seen order); accuracies
+    (``*_acc``, stored as fractions) are shown as percentages, like every accuracy in a report."""
     if keys is None:
         keys = list(dict.fromkeys(k for row in history for k in row))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in history]
+
+    def cell(key, value):
+        return f"{100 * value:.2f}" if _is_accuracy(key) and isinstance(value, (int, float)) else _cell(value)
+
+    lines = ["| " + " | ".join(f"{k} (%)" if _is_accuracy(k) else k for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(k, row.get(k)) for k in keys) + " |" for row in history]
     return "\n".join(lines)
 
 
@@ -96,7 +170,8 @@ def write_report(run_dir, title: str | None = None, sections: Sequence[tuple[str
     plot_curves(history, run_dir / PLOT_NAME, title)
     last = history[-1]
     summary = ", ".join(
-        f"{k} {_cell(last[k])}" for k in ("test_acc", "val_acc", "test_loss", "train_loss") if last.get(k) is not None
+        f"{k} {100 * last[k]:.2f}%" if _is_accuracy(k) else f"{k} {_cell(last[k])}"
+        for k in ("test_acc", "val_acc", "test_loss", "train_loss") if last.get(k) is not None
     )
     parts = [
         f"# {title}",

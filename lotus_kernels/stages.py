@@ -278,13 +278,16 @@ def prune_checkpoint(
         return engine.evaluate(m, eval_sets[split], amp=config.amp)["acc"]
 
     log(f"pruning {checkpoint} ({config.model}, {config.dataset}): {method} to {sparsity:.0%}, pattern {pattern}; measured on {split}")
+    if split == "test":
+        log("  WARNING: the checkpoint's run has no validation split (holdout=0): the knee and Instant Soup's rounds are chosen "
+            "on the TEST split, so its test accuracy is optimistic; train with --set holdout=N for an honest one")
     result: dict = {"method": method, "pattern": pattern, "eval_split": split, "accuracy": {"dense": _accuracies(model, eval_sets, config.amp)}}
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     es = None
     if method == "essential" or (method == "instant-soup" and isp_start == "knee"):
         es = essential_sparsity_sweep(model, eval_fn, _sweep_points(es_sparsities, sparsity), max_drop=max_drop)
-        plot = plot_essential_sparsity(es, out / "essential_sparsity.png", f"Essential Sparsity ({config.model}, {config.dataset}, {split})")
+        plot = plot_essential_sparsity(es, out / "essential_sparsity.png", f"Essential Sparsity ({config.model}, {config.dataset})", split=split)
         plots.append(plot.name)
         result["essential_sparsity"] = {
             "knee": es.knee, "dense_accuracy": es.dense_accuracy, "max_drop": es.max_drop, "upper_bound": sparsity,
@@ -304,8 +307,6 @@ def prune_checkpoint(
             model, train_set, isp_config, train_fn=isp_train, eval_data=eval_fn, initial_masks=initial,
             on_round=lambda r: log(f"  ISP round {r.round}: sparsity {r.sparsity:.3f}, {split} acc {r.accuracy:.4f}"),
         )
-        plot = plot_instant_soup(isp, out / "instant_soup.png", f"Instant Soup Pruning to {sparsity:.0%} ({config.model}, {config.dataset})")
-        plots.append(plot.name)
         result["instant_soup"] = {"start": "knee" if initial is not None else "dense", **isp.to_dict()}
         masks = isp.masks
         mask_sparsity = sparsity
@@ -315,6 +316,13 @@ def prune_checkpoint(
     sparsify_masked_(model, masks, pattern=pattern, block_size=block_size)
     counts = _counts(model)
     result["accuracy"]["pruned"] = _accuracies(model, eval_sets, config.amp)
+    if method == "instant-soup":
+        # Drawn after the projection: the plot's last point is the pruned model's accuracy, not the mask's before it.
+        projected = (f"after {pattern} projection", result["accuracy"]["pruned"][split]) if pattern != "unstructured" else None
+        plot = plot_instant_soup(
+            isp, out / "instant_soup.png", f"Instant Soup Pruning to {sparsity:.0%} ({config.model}, {config.dataset})", split=split, projected=projected,
+        )
+        plots.append(plot.name)
     summary = sparsity_summary(model)
     result.update(
         mask_sparsity=mask_sparsity, **counts, dense_bytes=summary.dense_bytes, compact_bytes=summary.compact_bytes,

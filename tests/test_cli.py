@@ -59,7 +59,9 @@ def test_report_from_a_metrics_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model": "vit_micro_cifar", "dataset": "synthetic"}))
     path = report.write_report(tmp_path)
     text = path.read_text()
-    assert "(synthetic data)" in text and "| epoch |" in text and "0.42" in text and "0.41" not in text
+    # Accuracies as percentages, like every report.
+    assert "(synthetic data)" in text and "| epoch |" in text and "test_acc (%)" in text and "test_acc 42.00%" in text
+    assert "| 42.00 |" in text and "41.00" not in text
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![loss and accuracy per epoch](curves.png)" in text
 

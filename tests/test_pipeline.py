@@ -28,6 +28,12 @@ def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "report.md").read_text()
     assert "(synthetic data)" in report and "## Essential Sparsity" in report and "tickets + 2:4 pruning" in report
+    # One unit (%), every accuracy names its split, differences in points; decisions on the validation split.
+    assert "| stage | sparsity | test accuracy, all patches | test accuracy, on its kept patches | note |" in report
+    dense = summary["rows"][0]["acc_all_patches"]
+    assert f"| dense | 0.0% | {dense:.2%} |" in report and f"{dense:.4f}" not in report
+    assert "| sparsity | val accuracy, one-shot, no fine-tuning |" in report and "at most 1 point below the dense model's" in report
+    assert "measured on the validation split carved from the training set (128 images)" in report and summary["decision_split"] == "val"
     # The export is compact and loads back into a model with SparseLinear layers of exactly the target sparsity.
     model = load_exported(tmp_path / "model.safetensors")
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
@@ -36,6 +42,37 @@ def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
     total = sum(m.in_features * m.out_features for m in layers)
     assert total - kept == int(0.5 * total + 0.5)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_report_says_loudly_when_decisions_were_made_on_the_test_split(tmp_path):
+    from lotus_kernels.pipeline import write_pipeline_report
+
+    history = [{"epoch": 1, "test_acc": 0.5}, {"epoch": 2, "test_acc": 0.6, "test_tickets_acc": 0.55}]
+    summary = {
+        "model": "vit_micro_cifar", "dataset": "cifar10", "decision_split": "test",
+        "rows": [{"stage": "dense", "sparsity": 0.0, "acc_all_patches": 0.6, "note": ""}],
+        "essential_sparsity": {"knee": 0.3, "dense_accuracy": 0.61, "curve": {0.3: 0.605}},
+        "instant_soup": {"rounds": 2, "final_sparsity": 0.5}, "export": "model.safetensors", "export_bytes": 1e6,
+        "timing": {"batch": 8, "device": "cpu", "dense_s": 0.1, "sparse_s": 0.1, "sparse_on_tickets_s": 0.05, "note": ""},
+        "sparsity": "",
+    }
+    config = PipelineConfig(**{**TINY, "train": {**TINY["train"], "holdout": 0}})
+    report = write_pipeline_report(tmp_path, config, summary, {"dense": (history, 0), "tickets": (history, 2)}).read_text()
+    assert "**The knee and the Instant Soup rounds were chosen on the test split**" in report
+    assert "| sparsity | test accuracy, one-shot, no fine-tuning |" in report and "| 30% | 60.50% |" in report
+
+
+def test_stages_share_one_epoch_axis():
+    from lotus_kernels.report import stage_series
+
+    dense = [{"epoch": 1, "test_acc": 0.2}, {"epoch": 2, "test_acc": 0.4}]
+    tickets = [{"epoch": 1, "test_acc": 0.41, "test_tickets_acc": 0.45}]
+    series = stage_series([("dense", dense, 0), ("tickets", tickets, 2), ("random", [{"epoch": 1, "test_acc": 0.4}], 2)])
+    assert series == [
+        ("dense, all patches", [(1, 20.0), (2, 40.0)], False),
+        ("tickets, all patches", [(3, 41.0)], False), ("tickets, on its kept patches", [(3, 45.0)], True),
+        ("random, all patches", [(3, 40.0)], False),
+    ]
 
 
 def test_pipeline_with_fixed_tickets(tmp_path):

@@ -128,6 +128,18 @@ def test_instant_soup_with_tiny_settings(dense, tmp_path):
     assert dense_start["instant_soup"]["start"] == "dense" and "essential_sparsity" not in dense_start
 
 
+def test_the_instant_soup_plot_ends_at_the_projected_models_accuracy(dense, tmp_path, monkeypatch):
+    drawn = []
+    real = stages.plot_instant_soup
+    monkeypatch.setattr(stages, "plot_instant_soup", lambda *a, **k: drawn.append(k) or real(*a, **k))
+    result = stages.prune_checkpoint(dense, tmp_path, method="instant-soup", sparsity=0.5, pattern="2:4", **ISP_TINY, **QUIET)
+    split = result["eval_split"]
+    (kwargs,) = drawn
+    # The 2:4 result, not the unstructured mask's accuracy before the projection.
+    assert kwargs["projected"] == ("after 2:4 projection", result["accuracy"]["pruned"][split]) and kwargs["split"] == split
+    assert (tmp_path / "instant_soup.png").is_file()
+
+
 def _masks_and_values(path):
     model = engine.model_from_checkpoint(path)
     return stages.sparse_masks(model), {n: m.values.detach().clone() for n, m in model.named_modules() if isinstance(m, SparseLinear)}

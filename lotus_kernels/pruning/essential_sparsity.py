@@ -224,8 +224,10 @@ def essential_sparsity_sweep(
 # ---------------------------------------------------------------------------
 
 
-def plot_essential_sparsity(result: EssentialSparsityResult, path, title: str = "") -> Path:
-    """Accuracy (%) vs sparsity (%) with the dense level, the max_drop band and the knee; a PNG at ``path``."""
+def plot_essential_sparsity(result: EssentialSparsityResult, path, title: str = "", split: str | None = None) -> Path:
+    """Accuracy (%) vs sparsity (%) with the dense level, the max_drop band and the knee; a PNG at ``path``.
+
+    split: the data the accuracies were measured on ("val", "test"), named on the axis."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on training machines
@@ -246,7 +248,7 @@ def plot_essential_sparsity(result: EssentialSparsityResult, path, title: str = 
     )
     ax.axvline(100 * result.knee, color="tab:red", linestyle=":", label=f"knee {100 * result.knee:g}%")
     ax.set_xlabel("sparsity of the prunable weights (%)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{split} accuracy (%)" if split else "accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title or "Essential sparsity (one-shot global magnitude)")

@@ -655,8 +655,13 @@ def instant_soup_prune(
 # ---------------------------------------------------------------------------
 
 
-def plot_instant_soup(result: InstantSoupResult, path, title: str = "") -> Path:
-    """Sparsity (left) and accuracy (right, if evaluated) per round, with the final prune and fine-tuning; a PNG."""
+def plot_instant_soup(
+    result: InstantSoupResult, path, title: str = "", split: str | None = None, projected: tuple[str, float] | None = None
+) -> Path:
+    """Sparsity (left) and accuracy (right, if evaluated) per round, with the final prune and fine-tuning; a PNG.
+
+    split: the data the accuracies were measured on, named on the axis. projected: (label, accuracy) of the
+    model after its mask was projected to a pattern (e.g. "after 2:4 projection"): the result, drawn last."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on training machines
@@ -679,12 +684,13 @@ def plot_instant_soup(result: InstantSoupResult, path, title: str = "") -> Path:
     if acc_rows:
         acc_ax.plot(*zip(*[(x, 100 * a) for x, a in acc_rows]), marker="o", markersize=3, label="after merge")
     for value, label, marker in (
-        (result.oneshot_accuracy, "final one-shot", "*"),
+        (result.oneshot_accuracy, "final one-shot" + (" (before projection)" if projected else ""), "*"),
         (result.finetuned_accuracy, "fine-tuned", "D"),
+        (projected[1] if projected else None, projected[0] if projected else "", "P"),
     ):
         if value is not None:
             acc_ax.scatter([final_x], [100 * value], marker=marker, s=50, label=label)
-    acc_ax.set_ylabel("accuracy (%)")
+    acc_ax.set_ylabel(f"{split} accuracy (%)" if split else "accuracy (%)")
     for ax in (sp_ax, acc_ax):
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
