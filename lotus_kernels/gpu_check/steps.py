@@ -135,9 +135,12 @@ def _data_path() -> Path | None:
 
 
 def _cifar10(ctx: Context) -> Command | str:
-    if _data_path() is None:
+    data = _data_path()
+    if data is None:
         return f"no CIFAR-10 data: put the archive at {DEFAULT_DATA} or name it in ${DATA_ENV}"
-    return _body("cifar10")(ctx)
+    command = _body("cifar10")(ctx)
+    # Absolute: the step runs in the source checkout, which need not be where the check was started.
+    return Command(command.argv, {**command.env, DATA_ENV: str(data.resolve())})
 
 
 def _cusparselt_after(ctx: Context, result: StepResult) -> None:
