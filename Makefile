@@ -21,7 +21,7 @@ test: install ctest
 # synthetic data (about a minute on a 2-core CPU); prints the report.
 demo: install
 	$(PY) -m lotus_kernels.demo
-	$(PY) -m lotus_kernels pipeline --demo --print-report --out runs/demo
+	$(PY) -m lotus_kernels pipeline --demo --print-report --out runs/demo --overwrite
 
 bench: install
 	$(PY) -m pytest bench/ --benchmark-only

@@ -7,9 +7,9 @@
     lotus report RUN_DIR
     lotus info   [--json]
     lotus bench-report FILE.json ... [--out DIR] | --compare [OLD.json] NEW.json | --compare-each NEW.json ... [--threshold 0.10]
-    lotus pipeline [--config FILE] [--data ...] [--preset ...] [--epochs N] [--set key=value ...] [--demo] [--out DIR]
+    lotus pipeline [--config FILE] [--data ...] [--preset ...] [--epochs N] [--set key=value ...] [--demo] [--out DIR] [--resume | --overwrite]
     lotus ablate  (--from PIPELINE_RUN | --config FILE | --demo) [--variants NAME ...] [--set key=value ...] [--out DIR]
-    lotus tickets --checkpoint DENSE.pt [--keep-ratio 0.5] [--mode online|fixed|random] [--epochs N] [--out DIR]
+    lotus tickets --checkpoint DENSE.pt [--keep-ratio 0.5] [--mode online|fixed|random] [--epochs N] [--out DIR] [--resume | --overwrite]
     lotus prune   --checkpoint DENSE.pt --out DIR [--method instant-soup|one-shot|essential] [--sparsity 0.5]
                   [--pattern unstructured|2:4|block] [--block-size 32] [--max-drop 0.01] [--ingredients 5]
                   [--isp-epochs 1] [--isp-lr 1e-4] [--set key=value ...] [--overwrite]
@@ -229,8 +229,9 @@ def _pipeline(args) -> int:
 
     config = PipelineConfig.from_dict(_pipeline_fields(args))  # every check runs here, before any training
     out = Path(args.out) if args.out else Path("runs") / f"pipeline-{config.train_config.model}-{config.train_config.dataset}"
-    summary = run_pipeline(config, out)
+    summary = run_pipeline(config, out, resume=args.resume, overwrite=args.overwrite)
     print((out / "report.md").read_text() if args.print_report else json.dumps(summary["rows"], indent=2))
+    print(f"lotus pipeline: results in {out} (report.md, summary.json, model.safetensors)", file=sys.stderr)
     return 0
 
 
@@ -274,9 +275,14 @@ def _tickets(args) -> int:
     student = prepare_student_(copy.deepcopy(dense), args.keep_ratio, args.mode)
     train_set, eval_sets = build_data(config)
     out = Path(args.out) if args.out else Path("runs") / f"tickets-{args.mode}-{args.keep_ratio}"
+    if (out / "checkpoints" / "last.pt").exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"--out {out} already holds a run: --resume continues it, --overwrite starts afresh over it")
+    if args.resume and not (out / "checkpoints" / "last.pt").exists():
+        raise ValueError(f"--resume but --out {out} holds no run ({out / 'checkpoints' / 'last.pt'} does not exist)")
     hooks = ticket_hooks(selector, args.mode, train_set=train_set)
-    result = _train_on_tickets(config, out, student, hooks, eval_sets["test"], print)
+    result = _train_on_tickets(config, out, student, hooks, eval_sets["test"], print, resume=args.resume)
     print(json.dumps({k: result.history[-1].get(k) for k in ("epoch", "test_acc", "test_tickets_acc")}))
+    print(f"lotus tickets: run in {out}", file=sys.stderr)
     return 0
 
 
@@ -342,6 +348,12 @@ def _add_train_flags(parser) -> None:
     )
 
 
+def _add_resume_flags(parser, resume_help: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help=resume_help)
+    group.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lotus", description="LOTUS sparse ViTs: train, evaluate, report.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
@@ -395,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--demo", action="store_true", help="start from the demo settings (synthetic data, minutes on a CPU)")
     pipeline.add_argument("--print-report", action="store_true", help="print report.md at the end")
     pipeline.add_argument("--out", help="output folder (default runs/pipeline-<model>-<dataset>)")
+    _add_resume_flags(pipeline, "continue the pipeline run in --out (same config): finished stages are read back, a stage cut short continues")
     pipeline.set_defaults(func=_pipeline)
 
     ablate = commands.add_parser(
@@ -417,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     tickets.add_argument("--layer", default="-1", help="selector block index, or 'rollout'")
     tickets.add_argument("--epochs", type=int, default=5)
     tickets.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training field, e.g. lr")
-    tickets.add_argument("--out", help="run folder")
+    tickets.add_argument("--out", help="run folder (default runs/tickets-<mode>-<keep ratio>)")
+    _add_resume_flags(tickets, "continue the run in --out from its last checkpoint")
     tickets.set_defaults(func=_tickets)
 
     prune = commands.add_parser("prune", help="prune a dense checkpoint into SparseLinear layers (one-shot, Essential Sparsity or Instant Soup)")

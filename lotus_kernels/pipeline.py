@@ -56,6 +56,7 @@ from .nn import sparsity_summary
 from .patch_dropping import disable_patch_dropping_, enable_patch_dropping_, num_kept, random_patches, use_tickets
 from .pruning import (
     DEFAULT_SPARSITIES,
+    EssentialSparsityResult,
     essential_sparsity_sweep,
     hold_masks_,
     instant_soup_prune,
@@ -67,7 +68,7 @@ from .pruning import (
     release_masks_,
     sparsify_masked_,
 )
-from .pruning.masking import global_sparsity, prunable_weights
+from .pruning.masking import apply_masks_, global_sparsity, prunable_weights
 from .report import metrics_table, plot_stage_accuracy
 from .tickets import TicketSelector, prepare_student_, ticket_hooks
 
@@ -164,7 +165,7 @@ def _eval_both(model: nn.Module, dataset, hooks, amp: str) -> dict:
     }
 
 
-def _train_on_tickets(config, out_dir, student, hooks, test_set, log) -> engine.TrainResult:
+def _train_on_tickets(config, out_dir, student, hooks, test_set, log, resume: bool = False) -> engine.TrainResult:
     on_tickets, all_patches, tickets_eval = hooks
 
     def add_ticket_accuracy(epoch, model, metrics):
@@ -172,10 +173,16 @@ def _train_on_tickets(config, out_dir, student, hooks, test_set, log) -> engine.
 
     result = engine.train(
         config, out_dir, model=student, token_hook=on_tickets, eval_token_hook=all_patches,
-        on_epoch_end=add_ticket_accuracy, overwrite=True,
+        on_epoch_end=add_ticket_accuracy, **_run_mode(out_dir, resume),
     )
     log(f"  {out_dir.name}: test_acc {result.history[-1]['test_acc']:.4f}, on tickets {result.history[-1]['test_tickets_acc']:.4f}")
     return result
+
+
+def _run_mode(out_dir: Path, resume: bool) -> dict:
+    """engine.train's arguments for one stage's run folder: continue it when resuming and it has a checkpoint (a
+    finished run then trains no further epoch), else start afresh over whatever is there."""
+    return {"resume": True} if resume and (Path(out_dir) / "checkpoints" / "last.pt").is_file() else {"overwrite": True}
 
 
 def ticket_stage_config(config: PipelineConfig) -> engine.TrainConfig:
@@ -184,26 +191,27 @@ def ticket_stage_config(config: PipelineConfig) -> engine.TrainConfig:
     return _stage_config(base, epochs=config.ticket_epochs, lr=base.lr * config.ticket_lr_scale, warmup_epochs=0.0, init_from=None)
 
 
-def train_selector_and_students(config: PipelineConfig, out: Path, train_set, test_set, log=print):
+def train_selector_and_students(config: PipelineConfig, out: Path, train_set, test_set, log=print, resume: bool = False):
     """Stages 1-2: the dense model (out/dense), the ticket student (out/tickets) and, if
     ``config.random_control``, the random-patch control (out/random).
 
     Returns (dense_run, selector, hooks, tickets_run, random_run or None); hooks
-    are ``ticket_hooks(selector, config.ticket_mode)``.
+    are ``ticket_hooks(selector, config.ticket_mode)``. resume: each run
+    continues from its folder's last checkpoint (a finished one trains no more).
     """
     base = config.train_config
     log("[1/6] dense model")
-    dense_run = engine.train(base, out / "dense", overwrite=True)
+    dense_run = engine.train(base, out / "dense", **_run_mode(out / "dense", resume))
     log("[2/6] fine-tuning on data lottery tickets")
     selector = TicketSelector(dense_run.model, config.keep_ratio, config.ticket_layer)
     ft = ticket_stage_config(config)
     hooks = ticket_hooks(selector, config.ticket_mode, train_set=train_set)
     student = prepare_student_(copy.deepcopy(dense_run.model), config.keep_ratio, config.ticket_mode)
-    tickets_run = _train_on_tickets(ft, out / "tickets", student, hooks, test_set, log)
+    tickets_run = _train_on_tickets(ft, out / "tickets", student, hooks, test_set, log, resume)
     random_run = None
     if config.random_control:
         control = prepare_student_(copy.deepcopy(dense_run.model), config.keep_ratio, "random")
-        random_run = _train_on_tickets(ft, out / "random", control, ticket_hooks(None, "random"), test_set, log)
+        random_run = _train_on_tickets(ft, out / "random", control, ticket_hooks(None, "random"), test_set, log, resume)
     return dense_run, selector, hooks, tickets_run, random_run
 
 
@@ -264,11 +272,47 @@ def load_exported(path, train_config: engine.TrainConfig | None = None) -> nn.Mo
     return load_sparse(engine.build_model(config, header["num_classes"]), path)
 
 
-def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
-    """Run every stage into ``out_dir``; returns the summary (also in summary.json, with report.md)."""
+ISP_MASKS = "instant_soup_masks.safetensors"
+
+
+def _check_run_folder(out: Path, config: PipelineConfig, resume: bool, overwrite: bool) -> None:
+    """Before any work: a folder holding a pipeline run is continued (resume, same config) or replaced (overwrite)."""
+    for name, value in (("resume", resume), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run in the folder, or start afresh over it")
+    saved_path = out / "pipeline_config.json"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; the pipeline writes a folder")
+    if not saved_path.is_file():
+        if resume:
+            raise ValueError(f"resume=True (--resume) but {out} holds no pipeline run ({saved_path} does not exist)")
+        return
+    if not (resume or overwrite):
+        raise ValueError(f"{out} already holds a pipeline run: resume=True (--resume) continues it, skipping finished stages; "
+                         "overwrite=True (--overwrite) starts afresh over it")
+    if resume:
+        saved = json.loads(saved_path.read_text())
+        now = json.loads(json.dumps(config.to_dict()))
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"cannot resume {out} with a different config (changed: {', '.join(diff)}); use --overwrite or another folder")
+
+
+def run_pipeline(config: PipelineConfig, out_dir, log=print, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run every stage into ``out_dir``; returns the summary (also in summary.json, with report.md).
+
+    A folder that already holds a pipeline run needs ``resume`` (same config:
+    finished stages are read back, not redone: training runs continue from
+    their last checkpoint, the Essential Sparsity sweep and Instant Soup's
+    masks are loaded) or ``overwrite`` (start afresh); otherwise ValueError,
+    before any work.
+    """
     if not isinstance(config, PipelineConfig):
         raise TypeError(f"config must be a PipelineConfig, got {type(config).__name__}")
     out = Path(out_dir)
+    _check_run_folder(out, config, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline_config.json").write_text(json.dumps(config.to_dict(), indent=2))
     base = config.train_config
@@ -288,7 +332,7 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
         summary["rows"].append({"stage": name, "sparsity": sparsity, **model_acc, "note": note})
 
     # 1-2. dense selector, tickets (online or fixed) and the random control
-    dense_run, selector, hooks, tickets_run, random_run = train_selector_and_students(config, out, train_set, test_set, log)
+    dense_run, selector, hooks, tickets_run, random_run = train_selector_and_students(config, out, train_set, test_set, log, resume)
     dense, student, mode = dense_run.model, tickets_run.model, config.ticket_mode
     ft = ticket_stage_config(config)
     row("dense", {"acc_all_patches": dense_run.history[-1]["test_acc"]}, 0.0)
@@ -308,30 +352,49 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
         log("  WARNING: no validation split (train.holdout=0): the Essential Sparsity knee and Instant Soup's rounds are "
             "chosen on the TEST split, so the test accuracies below are optimistic; set train.holdout (e.g. 5000 on CIFAR-10)")
     summary["decision_split"] = split
-    es = essential_sparsity_sweep(dense, val_set, config.es_sparsities, max_drop=config.es_max_drop)
-    es.save_json(out / "essential_sparsity.json")
+    es_path = out / "essential_sparsity.json"
+    if resume and es_path.is_file():
+        es = EssentialSparsityResult.from_dict(json.loads(es_path.read_text()))
+        log("  (read back from essential_sparsity.json)")
+    else:
+        es = essential_sparsity_sweep(dense, val_set, config.es_sparsities, max_drop=config.es_max_drop)
+        es.save_json(es_path)
     plot_essential_sparsity(es, out / "essential_sparsity.png", f"Essential Sparsity of the dense model ({base.model}, {base.dataset})", split=split)
     log(f"  knee {es.knee:.2f} ({split} accuracy: dense {es.dense_accuracy:.2%}, max drop {_points(config.es_max_drop)})")
 
     # 4. Instant Soup Pruning of the ticket student (all patches) to the target
     log(f"[4/6] Instant Soup Pruning to {config.target_sparsity:.0%}")
     pruned = disable_patch_dropping_(copy.deepcopy(student))
-    isp = instant_soup_stage(pruned, config, train_set, val_set, es.knee)
-    isp.save_json(out / "instant_soup.json")
-    plot_instant_soup(isp, out / "instant_soup.png", f"Instant Soup Pruning of the ticket student to {config.target_sparsity:.0%}", split=split)
-    release_masks_(pruned)
+    isp_json, isp_masks = out / "instant_soup.json", out / ISP_MASKS
+    if resume and isp_json.is_file() and isp_masks.is_file():
+        # Only the masks go back to the model (instant_soup: ingredient weights are discarded): read them back.
+        from safetensors.torch import load_file
+
+        isp_record = json.loads(isp_json.read_text())
+        isp_result_masks = {k: v.to(next(pruned.parameters()).device) for k, v in load_file(str(isp_masks)).items()}
+        apply_masks_(pruned, isp_result_masks)
+        log("  (read back from instant_soup.json and its masks)")
+    else:
+        from safetensors.torch import save_file
+
+        isp = instant_soup_stage(pruned, config, train_set, val_set, es.knee)
+        isp.save_json(isp_json)
+        save_file({k: v.detach().cpu().contiguous() for k, v in isp.masks.items()}, str(isp_masks))
+        plot_instant_soup(isp, out / "instant_soup.png", f"Instant Soup Pruning of the ticket student to {config.target_sparsity:.0%}", split=split)
+        release_masks_(pruned)
+        isp_record, isp_result_masks = isp.to_dict(), isp.masks
 
     # 5. per pattern: project, fine-tune on tickets with the mask held, compact
     log("[5/6] pattern projection and fine-tuning on tickets with masks fixed")
     finals = {}
     weights = prunable_weights(pruned)
     for pattern in config.patterns:
-        masks = project_masks(weights, isp.masks, pattern, config.block_size) if pattern != "unstructured" else isp.masks
+        masks = project_masks(weights, isp_result_masks, pattern, config.block_size) if pattern != "unstructured" else isp_result_masks
         model = copy.deepcopy(pruned)
         hold_masks_(model, masks)
         prepare_student_(model, config.keep_ratio, mode)
         name = f"combined_{pattern.replace(':', 'of')}"
-        run = _train_on_tickets(_stage_config(ft, epochs=config.finetune_epochs), out / name, model, hooks, test_set, log)
+        run = _train_on_tickets(_stage_config(ft, epochs=config.finetune_epochs), out / name, model, hooks, test_set, log, resume)
         model = disable_patch_dropping_(run.model)
         release_masks_(model)
         sparsify_masked_(model, masks, pattern=pattern, block_size=config.block_size)
@@ -371,7 +434,7 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print) -> dict:
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
     summary.update(
         essential_sparsity={"knee": es.knee, "dense_accuracy": es.dense_accuracy, "curve": dict(zip(es.sparsities, es.accuracies))},
-        instant_soup={"rounds": len(isp.history) - 1, "final_sparsity": isp.final_sparsity},
+        instant_soup={"rounds": isp_record["rounds"], "final_sparsity": isp_record["final_sparsity"]},
         export=str(exported), export_bytes=exported.stat().st_size, timing=timing,
         sparsity=str(sparsity_summary(model)),
     )

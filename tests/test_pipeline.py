@@ -44,6 +44,35 @@ def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_resume_skips_finished_stages_and_redoes_only_what_is_missing(tmp_path):
+    import shutil
+
+    config = PipelineConfig(**TINY)
+    first = run_pipeline(config, tmp_path, log=lambda *a: None)
+    # A folder holding a run is never overwritten by accident, and a resume must keep the config.
+    with pytest.raises(ValueError, match=r"already holds a pipeline run: resume=True \(--resume\) continues it"):
+        run_pipeline(config, tmp_path, log=lambda *a: None)
+    changed = PipelineConfig(**{**TINY, "isp_ingredients": 3})
+    with pytest.raises(ValueError, match=r"cannot resume .* with a different config \(changed: isp_ingredients\)"):
+        run_pipeline(changed, tmp_path, log=lambda *a: None, resume=True)
+    with pytest.raises(ValueError, match="holds no pipeline run"):
+        run_pipeline(config, tmp_path / "empty", log=lambda *a: None, resume=True)
+    # The last stage's run is lost (killed before it finished): only it is trained again.
+    shutil.rmtree(tmp_path / "combined_2of4")
+    logged = []
+    second = run_pipeline(config, tmp_path, log=logged.append, resume=True)
+    assert second["rows"][:4] == first["rows"][:4]  # dense, tickets, control, unstructured: read back exactly
+    assert "  (read back from essential_sparsity.json)" in logged and "  (read back from instant_soup.json and its masks)" in logged
+    assert second["rows"][4]["stage"] == "tickets + 2:4 pruning" and (tmp_path / "combined_2of4" / "checkpoints" / "last.pt").is_file()
+    assert second["instant_soup"] == first["instant_soup"] and second["essential_sparsity"] == first["essential_sparsity"]
+    # overwrite=True starts afresh over it (checked before any work; a whole run more is not needed to see it).
+    from lotus_kernels.pipeline import _check_run_folder
+
+    assert _check_run_folder(tmp_path, changed, resume=False, overwrite=True) is None
+    with pytest.raises(ValueError, match="exclude each other"):
+        _check_run_folder(tmp_path, config, resume=True, overwrite=True)
+
+
 def test_the_report_says_loudly_when_decisions_were_made_on_the_test_split(tmp_path):
     from lotus_kernels.pipeline import write_pipeline_report
 
@@ -115,3 +144,15 @@ def test_cli_pipeline_rejects_a_bad_config_with_a_clear_message(capsys, tmp_path
     assert code == 2
     assert "keep_ratio must be a number in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_pipeline_never_overwrites_a_run_unasked(capsys, tmp_path):
+    (tmp_path / "pipeline_config.json").write_text("{}")
+    assert cli.main(["pipeline", "--demo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a pipeline run: resume=True (--resume) continues it" in err and "(--overwrite) starts afresh" in err
+    assert cli.main(["pipeline", "--demo", "--out", str(tmp_path), "--resume"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["pipeline", "--demo", "--out", str(tmp_path), "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
