@@ -311,9 +311,11 @@ def _finetune(args) -> int:
 
     if args.layer != "rollout" and not args.layer.lstrip("-").isdigit():
         raise ValueError(f"--layer must be a block index or 'rollout', got {args.layer!r}")
+    if args.keep_ratio is None and args.mode is not None:
+        raise ValueError(f"--mode {args.mode} chooses tickets: give --keep-ratio too, or leave --mode out to train on all patches")
     result = finetune_checkpoint(
         args.checkpoint, args.out, epochs=args.epochs, lr=args.lr, keep_ratio=args.keep_ratio, selector_checkpoint=args.selector,
-        mode=args.mode, layer=args.layer if args.layer == "rollout" else int(args.layer), overrides=parse_overrides(args.set),
+        mode=args.mode or "online", layer=args.layer if args.layer == "rollout" else int(args.layer), overrides=parse_overrides(args.set),
         overwrite=args.overwrite,
     )
     print(json.dumps({**result["metrics"], "sparsity": result["sparsity"]}))
@@ -338,14 +340,20 @@ def _add_train_flags(parser) -> None:
     parser.add_argument("--data-path", help="CIFAR-10 source: pickle dir, image folder or .tar/.tar.gz (else $LOTUS_CIFAR10)")
     parser.add_argument("--preset", help=f"model preset: {', '.join(PRESET_ALIASES)} (or a full preset name)")
     parser.add_argument("--model", help="any timm model name (instead of --preset)")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--epochs", type=int, help="training epochs (pipeline: of the dense model)")
+    parser.add_argument("--batch-size", type=int, help="images per optimizer step, over all GPUs")
     parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs the hub to be reachable)")
     parser.add_argument("--init-from", metavar="FILE", help="initial weights: a lotus checkpoint or a state_dict file")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override any field (repeatable; wins over flags; pipeline: train.KEY=VALUE for training fields)",
     )
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _add_resume_flags(parser, resume_help: str) -> None:
@@ -356,6 +364,7 @@ def _add_resume_flags(parser, resume_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lotus", description="LOTUS sparse ViTs: train, evaluate, report.")
+    parser.add_argument("--version", action="version", version=f"lotus_kernels {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
     train = commands.add_parser("train", help="train a ViT (config file + --set overrides)")
@@ -371,18 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--split", default="test", choices=("test", "val", "train"))
-    evaluate.add_argument("--batch-size", type=int, default=512)
+    evaluate.add_argument("--checkpoint", required=True, help="a run's checkpoint (.pt) or a model exported with lotus export (.safetensors)")
+    evaluate.add_argument("--split", default="test", choices=("test", "val", "train"), help="which data (val: the run's holdout; default test)")
+    evaluate.add_argument("--batch-size", type=int, default=512, help="images per forward (default 512)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. data_path")
     evaluate.set_defaults(func=_eval)
 
     report = commands.add_parser("report", help="(re)write report.md and curves.png of a run folder")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a run folder (config.json, metrics.jsonl)")
     report.set_defaults(func=_report)
 
     info = commands.add_parser("info", help="what was built and what runs here")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_info)
 
     bench = commands.add_parser(
@@ -422,13 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tickets = commands.add_parser("tickets", help="fine-tune a dense checkpoint on its data lottery tickets (or random patches)")
     tickets.add_argument("--checkpoint", required=True, help="the dense model (also the selector)")
-    tickets.add_argument("--keep-ratio", type=float, default=0.5)
+    tickets.add_argument("--keep-ratio", type=float, default=0.5, help="fraction of the patches each image keeps (default 0.5)")
     tickets.add_argument(
         "--mode", choices=("online", "fixed", "random"), default="online",
         help="online: selector on each augmented batch; fixed: scored once, mapped through crops/flips; random: the control",
     )
     tickets.add_argument("--layer", default="-1", help="selector block index, or 'rollout'")
-    tickets.add_argument("--epochs", type=int, default=5)
+    tickets.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs on tickets (default 5)")
     tickets.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training field, e.g. lr")
     tickets.add_argument("--out", help="run folder (default runs/tickets-<mode>-<keep ratio>)")
     _add_resume_flags(tickets, "continue the run in --out from its last checkpoint")
@@ -457,11 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser("finetune", help="fine-tune a pruned checkpoint with its mask fixed (all patches or data lottery tickets)")
     finetune.add_argument("--checkpoint", required=True, help="the pruned model (lotus prune's pruned.pt)")
     finetune.add_argument("--out", required=True, help="run folder")
-    finetune.add_argument("--epochs", type=int, default=5)
+    finetune.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
     finetune.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the checkpoint's lr * 0.5)")
     finetune.add_argument("--keep-ratio", type=float, default=None, help="train on this fraction of the patches (tickets); default all patches")
     finetune.add_argument(
-        "--mode", default="online", help="with --keep-ratio: online (tickets of --selector, default) | fixed (scored once) | random (control)"
+        "--mode", default=None, help="with --keep-ratio: online (tickets of --selector, default) | fixed (scored once) | random (control)",
     )
     finetune.add_argument("--selector", default=None, metavar="DENSE.pt", help="online tickets: the dense checkpoint that picks them")
     finetune.add_argument("--layer", default="-1", help="selector block index, or 'rollout'")
@@ -470,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(func=_finetune)
 
     export = commands.add_parser("export", help="a checkpoint as compact safetensors (SparseLinear layers stay compact)")
-    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--checkpoint", required=True, help="a run's or lotus prune's checkpoint (.pt)")
     export.add_argument("--out", required=True, help="MODEL.safetensors")
     export.set_defaults(func=_export)
 
@@ -510,6 +519,15 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one clear line, not a traceback.
         print(f"lotus {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # A path that cannot be read or written (missing folder, a file where a folder belongs, no permission, full disk).
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"lotus {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Checkpoints are written whole and renamed, so an interrupted run resumes from its last one (--resume).
+        print(f"lotus {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

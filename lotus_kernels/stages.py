@@ -399,10 +399,13 @@ def finetune_checkpoint(
     # ------------------------------------------------------------ checks
     if lr is not None:
         _check_positive(lr, "lr")
+    _check_choice(mode, "mode", MODES)
+    if keep_ratio is None and mode != "online":
+        # Without keep_ratio the run is on all patches: a ticket mode would be silently ignored.
+        raise ValueError(f"mode={mode!r} chooses tickets: give keep_ratio (--keep-ratio) too, or leave mode out to train on all patches")
     if keep_ratio is not None:
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be a number in (0, 1] (or None for all patches), got {keep_ratio!r}")
-        _check_choice(mode, "mode", MODES)
         if mode in ("online", "fixed") and selector_checkpoint is None:
             raise ValueError(
                 f"mode={mode!r} needs selector_checkpoint (--selector): the dense checkpoint whose CLS attention picks the tickets; "

@@ -99,6 +99,48 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "lotus_kernels", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "lotus_kernels", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"lotus_kernels {__import__('lotus_kernels').__version__}"
+
+
+def test_every_argument_of_every_command_says_what_it_is():
+    import argparse
+
+    (commands,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(commands.choices) == sorted(cli.COMMANDS)
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "error,code,line",
+    [
+        (PermissionError(13, "Permission denied", "/runs/x"), 2, "lotus report: error: Permission denied: /runs/x\n"),
+        (NotADirectoryError(20, "Not a directory", "/a/file/run"), 2, "lotus report: error: Not a directory: /a/file/run\n"),
+        (KeyboardInterrupt(), 130, "lotus report: interrupted\n"),
+    ],
+)
+def test_file_system_errors_and_ctrl_c_are_one_line(monkeypatch, capsys, error, code, line):
+    def fail(args):
+        raise error
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), "report", fail))
+    assert cli.main(["report", "somewhere"]) == code
+    assert capsys.readouterr().err == line
+
+
+def _with_func(parser, command, func):
+    import argparse
+
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    commands.choices[command].set_defaults(func=func)
+    return parser
 
 
 def test_train_resume_eval_report_end_to_end(tmp_path, capsys):

@@ -253,6 +253,8 @@ def test_prune_rejects_bad_input_before_any_work(dense, one_shot, tmp_path, monk
         (["--keep-ratio", "0.5", "--mode", "fixed"], "mode='fixed' needs selector_checkpoint (--selector)"),
         (["--keep-ratio", "0.5", "--mode", "random", "--selector", "DENSE"], "only used with mode='online'"),
         (["--selector", "DENSE"], "only used with keep_ratio"),
+        (["--mode", "bogus"], "--mode bogus chooses tickets: give --keep-ratio too"),
+        (["--mode", "random"], "--mode random chooses tickets: give --keep-ratio too"),
         (["--keep-ratio", "0.5", "--selector", "MISSING"], "does not exist"),
         (["--keep-ratio", "0.5", "--selector", "DENSE", "--layer", "7"], "layer must be a block index"),
         (["--layer", "top"], "--layer must be a block index or 'rollout'"),
