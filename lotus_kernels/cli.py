@@ -169,18 +169,42 @@ def _train(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    from .train import TrainConfig, build_data, evaluate, load_checkpoint, model_from_checkpoint
+def _eval_model(path: Path, overrides: dict):
+    """(model, TrainConfig for the data) of a checkpoint (.pt) or a sparse safetensors file (lotus export / save_sparse)."""
+    from .train import TrainConfig, build_model, load_checkpoint, model_from_checkpoint
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    config = TrainConfig.from_dict({**checkpoint["config"], **parse_overrides(args.set)})
+    if path.is_dir():
+        raise ValueError(f"--checkpoint {path} is a folder; give a checkpoint file such as {path / 'checkpoints' / 'last.pt'} or a .safetensors export")
+    if path.suffix != ".safetensors":
+        checkpoint = load_checkpoint(path)
+        config = TrainConfig.from_dict({**checkpoint["config"], **overrides})
+        return model_from_checkpoint(path), config  # sparsified models come back with their SparseLinear layers
+    from .serialization import load_sparse, read_header
+
+    header = read_header(path)
+    if "train_config" in header:  # lotus export: the run's own config says how to build the model and the data
+        config = TrainConfig.from_dict({**header["train_config"], **overrides})
+        return load_sparse(build_model(TrainConfig.from_dict(header["train_config"]), header["num_classes"]), path), config
+    # save_sparse of any timm model: the file names the model; the data comes from --set (dataset, data_path, ...).
+    model = load_sparse(None, path)
+    return model, TrainConfig.from_dict({"model": (header.get("model") or {}).get("name", TrainConfig.model), **overrides})
+
+
+def _eval(args) -> int:
+    from .train import build_data, evaluate
+
+    path = Path(args.checkpoint)
+    model, config = _eval_model(path, parse_overrides(args.set))
     train_set, eval_sets = build_data(config)
     eval_sets["train"] = train_set
     if args.split not in eval_sets:
         raise ValueError(f"--split {args.split!r} is not available; this run has {sorted(eval_sets)}")
     dataset = eval_sets[args.split]
-    model = model_from_checkpoint(args.checkpoint)  # sparsified models come back with their SparseLinear layers
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, amp=config.amp)
+    try:
+        metrics = evaluate(model, dataset, batch_size=args.batch_size, amp=config.amp)
+    except (RuntimeError, AssertionError) as e:  # e.g. a 224-pixel timm model given 32-pixel CIFAR images
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"the model of {path} cannot run {dataset.name} ({type(e).__name__}: {first}); check --set dataset / the model") from None
     print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "dataset": dataset.name, **metrics}))
     return 0
 

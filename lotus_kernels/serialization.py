@@ -160,5 +160,10 @@ def load_sparse(model=None, path=None, *, strict: bool = True, device="cpu", **m
     state.update(header["extra_state"])
     sparsify_like_(model, state)
     model.to(device)
-    model.load_state_dict(state, strict=strict)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:  # torch lists every missing / unexpected key and size mismatch, one per line
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        shown = "; ".join(p[:160] for p in problems[:3]) + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(f"load_sparse: the tensors of {path} do not fit this {type(model).__name__}: {shown}") from None
     return model.eval()

@@ -107,7 +107,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(TypeError, match="model must be an nn.Module, a timm model name or None"):
         lk.load_sparse(3, path)
     # Loading into another architecture fails as load_state_dict does, naming the problem.
-    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+    with pytest.raises(ValueError, match="do not fit this VisionTransformer: (size mismatch|Missing key|Unexpected key)"):
         lk.load_sparse(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10), path)
 
 
@@ -123,3 +123,22 @@ def test_a_state_that_json_cannot_hold_is_refused_by_name(tmp_path):
     with pytest.raises(TypeError, match=r"state_dict entry '1._extra_state' is a object that JSON cannot hold"):
         lk.save_sparse(model, tmp_path / "m.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+def test_lotus_eval_takes_a_saved_or_exported_safetensors_file(tmp_path, capsys):
+    import json
+
+    from lotus_kernels import cli
+
+    path = lk.save_sparse(sparsify_(dense_vit(), "2:4"), tmp_path / "m.safetensors", model_kwargs=KWARGS)
+    data = ["--set", "dataset=synthetic", "--set", "synthetic_train=64", "--set", "synthetic_test=32"]
+    assert cli.main(["eval", "--checkpoint", str(path), *data]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["n"] == 32 and 0 <= line["acc"] <= 1
+    # Simple mistakes are one line: a folder, data the model cannot take.
+    assert cli.main(["eval", "--checkpoint", str(tmp_path), *data]) == 2
+    assert "is a folder; give a checkpoint file" in capsys.readouterr().err
+    big = lk.save_sparse(sparsify_(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10), "2:4"), tmp_path / "b.safetensors")
+    assert cli.main(["eval", "--checkpoint", str(big), *data]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lotus eval: error: the model of") and "cannot run" in err and err.count("\n") == 1
