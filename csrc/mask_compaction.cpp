@@ -32,6 +32,11 @@ void check_bool(const at::Tensor& t, const char* op, const char* name) {
                    " must be a bool tensor, got dtype ", t.scalar_type());
 }
 
+// Largest length of an int64 index tensor whose byte size still fits int64:
+// sizes derived from arguments (R/bh + 1, C/bw + 1) are checked against it
+// before anything is allocated, so that no size computation can overflow.
+constexpr int64_t kMaxIndexLength = INT64_MAX / static_cast<int64_t>(sizeof(int64_t));
+
 void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
                        const char* name_a, const char* name_b) {
   TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name_a, " is on ", a.device(), " but ",
@@ -66,6 +71,9 @@ void check_dense_to_bsr_args(const at::Tensor& weight, const at::Tensor& block_m
   TORCH_CHECK_VALUE(block_mask.dim() == 2 && block_mask.size(0) == br && block_mask.size(1) == bc,
                     "dense_to_bsr: block_mask must have shape [", br, ", ", bc,
                     "] (weight shape / block size), got ", block_mask.sizes());
+  // crow_indices has br + 1 entries (an empty weight [huge, 0] is a valid tensor).
+  TORCH_CHECK_VALUE(br < kMaxIndexLength, "dense_to_bsr: weight has ", br,
+                    " block rows; its row pointer of br + 1 int64 entries cannot be addressed");
 }
 
 void check_bsr_args(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
@@ -79,17 +87,30 @@ void check_bsr_args(const at::Tensor& crow, const at::Tensor& col, const at::Ten
   TORCH_CHECK_VALUE(values.dim() == 3, "bsr_transpose: values must be 3-D [nnz, bh, bw], got shape ",
                     values.sizes());
   const int64_t nnz = values.size(0), bh = values.size(1), bw = values.size(2);
-  TORCH_CHECK_VALUE(bh > 0 && bw > 0 && rows >= 0 && cols >= 0 && rows % bh == 0 && cols % bw == 0,
-                    "bsr_transpose: shape (", rows, ", ", cols,
+  TORCH_CHECK_VALUE(bh > 0 && bw > 0, "bsr_transpose: values must hold blocks of positive size, got [",
+                    nnz, ", ", bh, ", ", bw, "]");
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "bsr_transpose: rows and cols must be non-negative, got (",
+                    rows, ", ", cols, ")");
+  TORCH_CHECK_VALUE(rows % bh == 0 && cols % bw == 0, "bsr_transpose: shape (", rows, ", ", cols,
                     ") is not divisible by the block size (", bh, ", ", bw, ")");
   const int64_t br = rows / bh, bc = cols / bw;
-  TORCH_CHECK_VALUE(crow.dim() == 1 && crow.size(0) == br + 1, "bsr_transpose: crow_indices must be [",
+  // Both row pointers (br + 1 and bc + 1 entries) must be addressable before
+  // any size is computed from them (br + 1 overflowed for rows = 2^63 - 1).
+  TORCH_CHECK_VALUE(br < kMaxIndexLength && bc < kMaxIndexLength, "bsr_transpose: shape (", rows,
+                    ", ", cols, ") with block size (", bh, ", ", bw, ") gives (", br, ", ", bc,
+                    ") block rows and columns; at most ", kMaxIndexLength - 1,
+                    " each fit an int64 row pointer");
+  // Compared as size - 1 == br: nothing here can overflow.
+  TORCH_CHECK_VALUE(crow.dim() == 1 && crow.size(0) - 1 == br, "bsr_transpose: crow_indices must be [",
                     br + 1, "] for ", rows, " rows and block height ", bh, ", got shape ",
                     crow.sizes());
   TORCH_CHECK_VALUE(col.dim() == 1 && col.size(0) == nnz, "bsr_transpose: col_indices must be [",
                     nnz, "] (values.shape[0]), got shape ", col.sizes());
   // Structure checks with a single host sync (this is a conversion op, not a
   // per-step one): a malformed triple must raise, never produce garbage.
+  // Duplicate columns within a block row need the row of every block, so the
+  // implementations check them in their serial index pass (after this check
+  // made the row pointer trustworthy, before any parallel work).
   const auto yes = at::ones({}, crow.options().dtype(at::kBool));
   auto ok = at::stack({
       crow.select(0, 0).eq(0),
@@ -104,6 +125,20 @@ void check_bsr_args(const at::Tensor& crow, const at::Tensor& col, const at::Ten
                     "never decrease and end at nnz=",
                     nnz, ")");
   TORCH_CHECK_VALUE(f[3], "bsr_transpose: col_indices must lie in [0, ", bc, ")");
+}
+
+at::Tensor allocate_row_pointer(int64_t length, const at::TensorOptions& options, const char* op,
+                                const char* what) {
+  std::string failure;
+  try {
+    return at::zeros({length}, options);
+  } catch (const c10::Error& e) {
+    failure = e.what_without_backtrace();
+  }
+  // Only the size can make the allocation fail: name the argument that asked for it.
+  TORCH_CHECK_VALUE(false, op, ": ", what, " needs a row pointer of ", length,
+                    " int64 entries, which cannot be allocated (", failure, ")");
+  return at::Tensor();  // not reached
 }
 
 void check_compress_2to4_args(const at::Tensor& weight, const c10::optional<at::Tensor>& mask) {
@@ -149,6 +184,16 @@ int64_t row_grain(int64_t work_per_row) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
 }
 
+// A bool tensor's storage read as bytes, any nonzero byte meaning true. A
+// bool whose byte is not 0 or 1 (a uint8 tensor viewed as bool, a mask from
+// foreign memory) is undefined behaviour to load as bool: the compiler may
+// test one bit in one loop and the whole byte in the next, so dense_to_bsr
+// counted blocks one way and wrote them another (uninitialised or
+// out-of-range col_indices). Every mask is read through this.
+const uint8_t* mask_bytes(const at::Tensor& contiguous_mask) {
+  return static_cast<const uint8_t*>(contiguous_mask.data_ptr());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> keep_indices_cpu(const at::Tensor& keep_mask_in) {
@@ -157,16 +202,17 @@ std::tuple<at::Tensor, at::Tensor> keep_indices_cpu(const at::Tensor& keep_mask_
   const int64_t rows = keep_mask.size(0), n = keep_mask.size(1);
   auto indices = at::empty({rows, n}, keep_mask.options().dtype(at::kInt));
   auto counts = at::empty({rows}, keep_mask.options().dtype(at::kInt));
-  const bool* mask = keep_mask.data_ptr<bool>();
+  // Bytes, not bool: see mask_bytes.
+  const uint8_t* mask = mask_bytes(keep_mask);
   int32_t* idx = indices.data_ptr<int32_t>();
   int32_t* cnt = counts.data_ptr<int32_t>();
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const bool* m = mask + r * n;
+      const uint8_t* m = mask + r * n;
       int32_t* out = idx + r * n;
       int32_t k = 0;
       for (int64_t j = 0; j < n; ++j) {
-        if (m[j]) out[k++] = static_cast<int32_t>(j);
+        if (m[j] != 0) out[k++] = static_cast<int32_t>(j);
       }
       cnt[r] = k;
       std::fill(out + k, out + n, -1);
@@ -183,21 +229,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_to_bsr_cpu(const at::Tensor
   const auto block_mask = block_mask_in.contiguous();
   const int64_t cols = weight.size(1);
   const int64_t br = block_mask.size(0), bc = block_mask.size(1);
-  const bool* bm = block_mask.data_ptr<bool>();
+  const uint8_t* bm = mask_bytes(block_mask);
 
-  // Pass 1: kept blocks per block row (parallel); then the row pointer.
-  std::vector<int64_t> row_count(br);
+  // Pass 1: kept blocks per block row into crow[r + 1] (parallel); then the
+  // running sum makes it the row pointer. Allocated first, through the named
+  // check: an empty weight [2^40, 0] has a row pointer no memory holds.
+  auto crow = allocate_row_pointer(br + 1, weight.options().dtype(at::kLong), "dense_to_bsr",
+                                   "weight's block rows");
+  int64_t* crow_p = crow.data_ptr<int64_t>();
   at::parallel_for(0, br, row_grain(bc), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       int64_t k = 0;
-      for (int64_t c = 0; c < bc; ++c) k += bm[r * bc + c];
-      row_count[r] = k;
+      for (int64_t c = 0; c < bc; ++c) k += bm[r * bc + c] != 0;
+      crow_p[r + 1] = k;
     }
   });
-  auto crow = at::empty({br + 1}, weight.options().dtype(at::kLong));
-  int64_t* crow_p = crow.data_ptr<int64_t>();
-  crow_p[0] = 0;
-  for (int64_t r = 0; r < br; ++r) crow_p[r + 1] = crow_p[r] + row_count[r];
+  for (int64_t r = 0; r < br; ++r) crow_p[r + 1] += crow_p[r];
   const int64_t nnz = crow_p[br];
 
   // Pass 2: column indices and block values, each block row independently.
@@ -211,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_to_bsr_cpu(const at::Tensor
     for (int64_t r = begin; r < end; ++r) {
       int64_t b = crow_p[r];
       for (int64_t c = 0; c < bc; ++c) {
-        if (!bm[r * bc + c]) continue;
+        if (bm[r * bc + c] == 0) continue;
         col_p[b] = c;
         for (int64_t i = 0; i < bh; ++i) {
           std::memcpy(v + ((b * bh + i) * bw) * es, w + ((r * bh + i) * cols + c * bw) * es,
@@ -241,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_transpose_cpu(const at::Tenso
   // order makes each new row come out sorted by the original block row. This
   // O(nnz) index pass is serial; the O(nnz * bh * bw) value copy below is the
   // part worth parallelising.
-  auto crow_t = at::zeros({bc + 1}, crow.options());
+  auto crow_t = allocate_row_pointer(bc + 1, crow.options(), "bsr_transpose", "cols");
   int64_t* crow_t_p = crow_t.data_ptr<int64_t>();
   for (int64_t b = 0; b < nnz; ++b) ++crow_t_p[col_p[b] + 1];
   for (int64_t c = 0; c < bc; ++c) crow_t_p[c + 1] += crow_t_p[c];
@@ -251,7 +298,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_transpose_cpu(const at::Tenso
   int64_t* col_t_p = col_t.data_ptr<int64_t>();
   for (int64_t r = 0; r < br; ++r) {
     for (int64_t b = crow_p[r]; b < crow_p[r + 1]; ++b) {
-      const int64_t pos = next[col_p[b]]++;
+      const int64_t c = col_p[b];
+      const int64_t pos = next[c]++;
+      // Rows arrive in ascending order, so a column listed twice in row r
+      // shows up as r already at the end of that column's list. This serial
+      // pass is the last check: the parallel copy below never throws.
+      TORCH_CHECK_VALUE(pos == crow_t_p[c] || col_t_p[pos - 1] != r,
+                        "bsr_transpose: col_indices lists block column ", c, " twice in block row ",
+                        r, "; a BSR row holds each column at most once");
       source[pos] = b;
       col_t_p[pos] = r;
     }
@@ -283,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> compress_2to4_cpu(const at::Tensor& weight_in
   const int64_t words = meta_words_per_row(cols);
   auto values = at::empty({rows, cols / 2}, weight.options());
   auto metadata = at::zeros({rows, words}, weight.options().dtype(at::kInt));
-  const bool* m = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const uint8_t* m = mask.defined() ? mask_bytes(mask) : nullptr;
   int32_t* meta = metadata.data_ptr<int32_t>();
 
   // A bad group is recorded per row and reported after the loop, so that the
@@ -302,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> compress_2to4_cpu(const at::Tensor& weight_in
           int kept[4];
           int n_kept = 0;
           for (int s = 0; s < 4; ++s) {
-            const bool keep = m ? m[base + s] : !bits_are_zero(w[base + s]);
+            const bool keep = m ? m[base + s] != 0 : !bits_are_zero(w[base + s]);
             if (keep) kept[n_kept++] = s;
           }
           if (n_kept > 2) {

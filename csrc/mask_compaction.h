@@ -6,6 +6,14 @@
 //
 // Layouts (shared by every implementation):
 //
+// Bool masks are read byte by byte, any nonzero byte meaning true: a uint8
+// tensor viewed as bool (bytes 2, 255, ...) keeps what its nonzero bytes say.
+//
+// A valid BSR structure (checked by bsr_transpose, never assumed): crow
+// starts at 0, never decreases and ends at nnz; every column lies in
+// [0, C/bw); no block row lists a column twice (the order within a row is
+// free).
+//
 // keep_indices(keep_mask[B, N] bool) -> (indices[B, N] int32, counts[B] int32)
 //   indices[b, :counts[b]] are the positions of the true entries of row b in
 //   ascending order; indices[b, counts[b]:] are -1. The shape is static so
@@ -78,7 +86,10 @@ C10_HOST_DEVICE inline bool bits_are_zero(Bits v) {
 }
 
 // Argument checks shared by the CPU and CUDA implementations. They raise
-// c10::ValueError / c10::TypeError (Python ValueError / TypeError).
+// c10::ValueError / c10::TypeError (Python ValueError / TypeError), and they
+// run to completion before anything is allocated from the arguments or any
+// parallel region starts: nothing is ever thrown from inside a parallel
+// region (at::parallel_for) or a kernel.
 void check_keep_indices_args(const at::Tensor& keep_mask);
 void check_dense_to_bsr_args(const at::Tensor& weight, const at::Tensor& block_mask,
                              int64_t block_rows, int64_t block_cols);
@@ -89,6 +100,11 @@ void check_bsr_args(const at::Tensor& crow, const at::Tensor& col, const at::Ten
                     int64_t rows, int64_t cols);
 void check_compress_2to4_args(const at::Tensor& weight, const c10::optional<at::Tensor>& mask);
 void check_decompress_2to4_args(const at::Tensor& values, const at::Tensor& metadata);
+// at::zeros({length}) of int64 row pointers whose length comes from a scalar
+// argument (rows, cols): an allocation failure becomes a ValueError naming
+// `what`, the argument that asked for it, instead of an allocator message.
+at::Tensor allocate_row_pointer(int64_t length, const at::TensorOptions& options, const char* op,
+                                const char* what);
 
 // CPU implementations (mask_compaction.cpp).
 std::tuple<at::Tensor, at::Tensor> keep_indices_cpu(const at::Tensor& keep_mask);

@@ -14,12 +14,24 @@ import torch
 GROUPS_PER_META_WORD = 8  # 2:4 metadata: eight 4-bit group codes per int32 word
 
 
+def normalized_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask whose every byte is 0 or 1: any nonzero byte of ``mask`` is true.
+
+    Torch ops assume bool bytes are 0/1; a uint8 tensor viewed as bool (bytes
+    2, 255) gives them undefined results (``~mask`` stays true, sums count 2).
+    The C++ ops read masks as bytes the same way, so references and
+    Python-side mask work pass masks through this first.
+    """
+    return mask.view(torch.uint8) != 0
+
+
 def keep_indices_ref(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """keep_mask [B, N] bool -> (indices [B, N] int32, counts [B] int32).
 
     Row b's first counts[b] indices are its kept positions in ascending order;
     the rest are -1.
     """
+    keep_mask = normalized_mask(keep_mask)
     rows, n = keep_mask.shape
     counts = keep_mask.sum(1)
     # A stable sort on "dropped" puts kept positions first, still ascending.
@@ -36,6 +48,7 @@ def dense_to_bsr_ref(
 
     Kept blocks are copied verbatim (pass the masked weight); indices are int64.
     """
+    block_mask = normalized_mask(block_mask)
     rows, cols = weight.shape
     br, bc = rows // block_rows, cols // block_cols
     blocks = weight.reshape(br, block_rows, bc, block_cols).transpose(1, 2)  # [br, bc, bh, bw]
@@ -49,6 +62,58 @@ def bsr_row_indices(crow_indices: torch.Tensor, nnz: int) -> torch.Tensor:
     """Block row of every stored block: [nnz] int64 (the inverse of the row pointer)."""
     block_rows = torch.arange(crow_indices.numel() - 1, device=crow_indices.device)
     return torch.repeat_interleave(block_rows, crow_indices.diff(), output_size=nnz)
+
+
+def check_bsr_structure(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, block_rows: int, block_cols: int, *, op: str, cols_hint: str = ""
+) -> None:
+    """Raises unless (crow_indices, col_indices) is a valid BSR structure of block_rows x block_cols blocks.
+
+    Valid (csrc/mask_compaction.h): int32/int64 1-D tensors (else TypeError),
+    crow_indices [block_rows + 1] starting at 0, never decreasing, ending at
+    nnz = col_indices.numel(); every column in [0, block_cols); no column
+    twice in one block row (any order within a row). ValueError names what
+    is wrong. A host sync: for when a structure is made, loaded or first
+    used, never per call. cols_hint: what fixes block_cols, for the message.
+    """
+    for t, name in ((crow_indices, "crow_indices"), (col_indices, "col_indices")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{op}: {name} must be 1-D, got shape {tuple(t.shape)}")
+    if crow_indices.shape[0] != block_rows + 1:
+        raise ValueError(f"{op}: crow_indices must be [{block_rows + 1}] ({block_rows} block rows), got {tuple(crow_indices.shape)}")
+    crow, col = crow_indices.long(), col_indices.long()
+    nnz = col.numel()
+    in_range = ((col >= 0) & (col < block_cols)).all() if nnz else torch.ones((), dtype=torch.bool, device=col.device)
+    crow_ok, ends_ok, monotone, cols_ok = torch.stack(
+        [crow[0] == 0, crow[-1] == nnz, (crow.diff() >= 0).all(), in_range]
+    ).tolist()  # one sync for the common checks
+    if not (crow_ok and ends_ok and monotone):
+        raise ValueError(
+            f"{op}: crow_indices is not a valid BSR row pointer (must start at 0, never decrease and end at "
+            f"nnz={nnz}), got {crow.tolist() if crow.numel() <= 16 else f'first {int(crow[0])}, last {int(crow[-1])}'}"
+        )
+    if not cols_ok:
+        hint = f" ({cols_hint})" if cols_hint else ""
+        raise ValueError(
+            f"{op}: col_indices must lie in [0, {block_cols}){hint}, got block columns from {int(col.min())} to {int(col.max())}"
+        )
+    if nnz > 1:
+        # Sorted by (row, column) with two stable sorts (no row * block_cols key to overflow).
+        row = bsr_row_indices(crow, nnz)
+        order = torch.argsort(col, stable=True)
+        order = order[torch.argsort(row[order], stable=True)]
+        r, c = row[order], col[order]
+        dup = (r[1:] == r[:-1]) & (c[1:] == c[:-1])
+        if bool(dup.any()):
+            i = int(dup.nonzero()[0])
+            raise ValueError(
+                f"{op}: col_indices lists block column {int(c[i])} twice in block row {int(r[i])}; "
+                "a BSR row holds each column at most once"
+            )
 
 
 def bsr_transpose_structure(
@@ -103,7 +168,7 @@ def compress_2to4_ref(
     rows, cols = weight.shape
     groups = cols // 4
     w = weight.reshape(rows, groups, 4)
-    keep = (w != 0) if mask is None else mask.reshape(rows, groups, 4)
+    keep = (w != 0) if mask is None else normalized_mask(mask).reshape(rows, groups, 4)
     kept = keep.sum(-1)
     if bool((kept > 2).any()):
         r, g = (kept > 2).nonzero()[0].tolist()
@@ -130,16 +195,17 @@ def compress_2to4_ref(
 
 def unpack_2to4_slots(metadata: torch.Tensor, cols: int) -> torch.Tensor:
     """metadata [R, ceil(C/32)] int32 -> kept slots [R, C/4, 2] int64 (0..3, ascending per group)."""
-    rows = metadata.shape[0]
+    rows, words_per_row = metadata.shape
     groups = cols // 4
     shifts = 4 * torch.arange(GROUPS_PER_META_WORD, device=metadata.device)
     words = metadata.to(torch.int64) & 0xFFFFFFFF
-    codes = ((words[..., None] >> shifts) & 0xF).reshape(rows, -1)[:, :groups]
+    # The width is spelled out: reshape(rows, -1) is ambiguous for 0 rows.
+    codes = ((words[..., None] >> shifts) & 0xF).reshape(rows, words_per_row * GROUPS_PER_META_WORD)[:, :groups]
     return torch.stack([codes & 3, codes >> 2], dim=-1)
 
 
-def check_2to4_metadata(metadata: torch.Tensor, cols: int) -> None:
-    """Raises ValueError naming the first group whose code is not two ascending slots."""
+def check_2to4_metadata(metadata: torch.Tensor, cols: int, *, op: str = "decompress_2to4") -> None:
+    """Raises ValueError naming the first group whose code is not two ascending slots (one host sync)."""
     slots = unpack_2to4_slots(metadata, cols)
     bad = slots[..., 0] >= slots[..., 1]
     if bool(bad.any()):

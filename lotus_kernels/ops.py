@@ -12,13 +12,21 @@ for the tensors' device.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import NamedTuple
 
 import torch
 
-from . import _extension
-from .mask_compaction import GROUPS_PER_META_WORD, bsr_row_indices, bsr_transpose_structure
+from . import _extension, weight_cache
+from .mask_compaction import (
+    GROUPS_PER_META_WORD,
+    bsr_row_indices,
+    bsr_transpose_structure,
+    check_2to4_metadata,
+    check_bsr_structure,
+    normalized_mask,
+)
 from .masks import block_shape, reduce_block_mask
 
 __all__ = [
@@ -66,6 +74,8 @@ def dense_to_bsr(
     if mask.dtype != torch.bool:
         raise TypeError(f"dense_to_bsr: mask must be a bool tensor, got dtype {mask.dtype}")
     if weight.dim() == 2 and mask.shape == weight.shape:
+        # Torch ops need 0/1 bytes (the block-level path is read by the C++ op, which needs nothing).
+        mask = normalized_mask(mask)
         weight = weight.masked_fill(~mask.to(weight.device), 0)
         mask = reduce_block_mask(mask, (bh, bw), strict=False)
     elif weight.dim() == 2 and weight.shape[0] % bh == 0 and weight.shape[1] % bw == 0:
@@ -89,10 +99,28 @@ def bsr_transpose(
     """
     for t, name in ((crow_indices, "crow_indices"), (col_indices, "col_indices"), (values, "values")):
         _tensor(t, name)
-    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2):
-        raise TypeError(f"bsr_transpose: shape must be a (rows, cols) pair, got {shape!r}")
+    rows, cols = _shape_pair("bsr_transpose", shape)
     _extension.require("bsr_transpose", values)
-    return _op("bsr_transpose")(crow_indices, col_indices, values, int(shape[0]), int(shape[1]))
+    return _op("bsr_transpose")(crow_indices, col_indices, values, rows, cols)
+
+
+def _shape_pair(op: str, shape) -> tuple[int, int]:
+    """(rows, cols) as ints: ints, numpy ints and SymInts pass; floats and bools are refused, never truncated.
+
+    Values outside int64 are a ValueError here (the C++ op cannot take them);
+    the op checks the rest (negative, divisibility, sizes).
+    """
+    pair = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
+    if pair is None or len(pair) != 2 or any(isinstance(v, bool) or not hasattr(type(v), "__index__") for v in pair):
+        raise TypeError(f"{op}: shape must be a (rows, cols) pair of ints, got {shape!r}")
+    out = []
+    for name, v in zip(("rows", "cols"), pair):
+        if not isinstance(v, torch.SymInt):
+            v = operator.index(v)
+            if not -(2**63) <= v < 2**63:
+                raise ValueError(f"{op}: {name} must be an int in [0, 2**63), got {v}")
+        out.append(v)
+    return out[0], out[1]
 
 
 def compress_2to4(weight: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

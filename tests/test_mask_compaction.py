@@ -386,3 +386,143 @@ def test_ops_on_each_device(device):
     weight = nonzero_randn(32, 32).to(device)
     crow, col, values = ops.dense_to_bsr(weight, torch.ones(2, 2, dtype=torch.bool, device=device), 16)
     assert crow.device.type == device and values.device.type == device
+
+
+# ---------------------------------------------------------------------- hostile input (issue #16)
+
+
+def bytes_as_bool(raw) -> torch.Tensor:
+    """A bool tensor whose bytes are the given uint8 values (2, 255: not 0/1, as foreign memory may hold)."""
+    return torch.tensor(raw, dtype=torch.uint8).view(torch.bool)
+
+
+def test_bool_masks_with_bytes_other_than_0_1_mean_true_everywhere():
+    # Before: dense_to_bsr counted byte 2 as two blocks (crow [0, 3, 3]) and left a col entry
+    # uninitialised; compress_2to4 read such masks by bit. Every op (and reference) reads any
+    # nonzero byte as true, exactly as the mask (raw != 0).
+    raw = [[1, 2, 0, 255], [0, 0, 4, 0]]
+    weird, clean = bytes_as_bool(raw), torch.tensor(raw) != 0
+    weight = nonzero_randn(32, 64)
+    assert_same(ops.dense_to_bsr(weight, weird, 16), ops.dense_to_bsr(weight, clean, 16))
+    assert_same(dense_to_bsr_ref(weight, weird, 16, 16), ops.dense_to_bsr(weight, clean, 16))
+    element = bytes_as_bool(masks.expand_block_mask(torch.tensor(raw, dtype=torch.uint8), 16).tolist())
+    assert_same(ops.dense_to_bsr(weight, element, 16), ops.dense_to_bsr(weight, masks.expand_block_mask(clean, 16), 16))
+    assert_same(ops.keep_indices(weird), ops.keep_indices(clean))
+    assert_same(keep_indices_ref(weird), ops.keep_indices(clean))
+    two_of_four = bytes_as_bool([[7, 0, 0, 2, 0, 9, 3, 0]])
+    w = nonzero_randn(1, 8)
+    expected = ops.compress_2to4(w, torch.tensor([[1, 0, 0, 1, 0, 1, 1, 0]], dtype=torch.bool))
+    assert_same(ops.compress_2to4(w, two_of_four), expected)
+    assert_same(compress_2to4_ref(w, two_of_four), expected)
+
+
+@pytest.mark.parametrize(
+    "shape,exc,text",
+    [
+        ((2**63 - 1, 16), ValueError, "at most"),  # br + 1 overflowed: "crow_indices must be [-9223372036854775808]"
+        ((16, 2**63 - 1), ValueError, "at most"),
+        ((16, 2**50), ValueError, "cols needs a row pointer"),  # an allocator message before
+        ((2**64, 16), ValueError, "rows must be an int in [0, 2**63)"),
+        ((-16, 16), ValueError, "non-negative"),
+        ((16.0, 16), TypeError, "shape must be a (rows, cols) pair of ints, got (16.0, 16)"),  # truncated silently before
+        ((1.7, 4), TypeError, "pair of ints"),
+        ((True, 16), TypeError, "pair of ints"),
+    ],
+)
+def test_bsr_transpose_huge_negative_and_float_shapes_are_named_errors(shape, exc, text):
+    crow, col, values = torch.zeros(17, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 1, 1)
+    if shape[0] != 16:
+        crow = torch.zeros(2, dtype=torch.int64)  # the check names the shape before crow's length
+    with pytest.raises(exc) as info:
+        ops.bsr_transpose(crow, col, values, shape)
+    assert text in str(info.value)
+    assert "-9223372036854775808" not in str(info.value)
+
+
+def test_bsr_transpose_accepts_numpy_ints_as_shape():
+    np = pytest.importorskip("numpy")
+    triple = ops.dense_to_bsr(nonzero_randn(32, 32), torch.ones(2, 2, dtype=torch.bool), 16)
+    assert_same(ops.bsr_transpose(*triple, (np.int64(32), np.int32(32))), ops.bsr_transpose(*triple, (32, 32)))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_bsr_transpose_rejects_a_column_twice_in_a_row(device):
+    values = nonzero_randn(3, 4, 4).to(device)
+    crow = torch.tensor([0, 2, 3], device=device)
+    for col in ([1, 1, 0], [0, 0, 0]):
+        with pytest.raises(ValueError, match="lists block column 1 twice in block row 0|lists block column 0 twice in block row 0"):
+            ops.bsr_transpose(crow, torch.tensor(col, device=device), values, (8, 8))
+    # Unsorted but distinct columns are a valid structure.
+    transposed = ops.bsr_transpose(crow, torch.tensor([1, 0, 0], device=device), values, (8, 8))
+    assert torch.equal(bsr_to_dense_ref(*transposed, (8, 8)), bsr_to_dense_ref(crow, torch.tensor([1, 0, 0], device=device), values, (8, 8)).t())
+
+
+def test_decompress_2to4_ref_of_zero_rows_equals_the_op():
+    values, metadata = torch.zeros(0, 4), torch.zeros(0, 1, dtype=torch.int32)
+    assert_same(decompress_2to4_ref(values, metadata), ops.decompress_2to4(values, metadata))
+
+
+def test_dense_to_bsr_row_pointer_of_a_huge_empty_weight_is_a_named_error():
+    # [2**62, 0] and [2**40, 0] are valid (empty) tensors, but their row pointers are not.
+    for rows, text in ((2**62, "cannot be addressed"), (2**40, "block rows needs a row pointer")):
+        with pytest.raises(ValueError, match=text):
+            ops.dense_to_bsr(torch.empty(rows, 0), torch.empty(rows, 0, dtype=torch.bool), (1, 1))
+
+
+def test_ops_under_many_threads_and_concurrent_python_threads():
+    # Issue #15: a segfault on a 16-core machine in the malformed-triple test. Every op
+    # validates before any parallel region; here 16 intra-op threads and 8 Python threads
+    # run valid inputs large enough to split across threads (exact answers) and malformed
+    # ones (clean errors) concurrently, in a shuffled order per thread.
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    weight = nonzero_randn(512, 1024)
+    block_keep = awkward_block_mask(64, 128)
+    triple = dense_to_bsr_ref(weight * masks.expand_block_mask(block_keep, 8), block_keep, 8, 8)
+    nm = masks.nm_mask(weight)
+    compressed = compress_2to4_ref(weight, nm)
+    keep = torch.rand(512, 1024, generator=torch.Generator().manual_seed(3)) > 0.5
+    weird_keep = (keep.to(torch.uint8) * 7).view(torch.bool)  # bytes 0 / 7
+    crow, col, values = triple
+    bad_meta = compressed[1].clone()
+    bad_meta[300, 5] = 0xF  # row 300, group 40 codes (3, 3)
+    dup_col = col.clone()
+    dup_col[1] = dup_col[0]  # block row 0 (first and last kept) lists its first column twice
+    valid = [
+        (lambda: ops.keep_indices(keep), keep_indices_ref(keep)),
+        (lambda: ops.keep_indices(weird_keep), keep_indices_ref(keep)),
+        (lambda: ops.dense_to_bsr(weight * masks.expand_block_mask(block_keep, 8), block_keep, 8), triple),
+        (lambda: ops.bsr_transpose(*triple, (512, 1024)), bsr_transpose_ref(*triple, (512, 1024))),
+        (lambda: ops.compress_2to4(weight, nm), compressed),
+        (lambda: ops.decompress_2to4(*compressed), weight * nm),
+    ]
+    invalid = [
+        (lambda: ops.bsr_transpose(crow, col + 1, values, (512, 1024)), "col_indices must lie"),
+        (lambda: ops.bsr_transpose(crow, dup_col, values, (512, 1024)), "twice in block row 0"),
+        (lambda: ops.bsr_transpose(crow + torch.arange(65) % 2, col, values, (512, 1024)), "row pointer"),
+        (lambda: ops.bsr_transpose(crow, col, values, (2**63 - 1, 1024)), "shape"),
+        (lambda: ops.compress_2to4(weight), "at most 2"),
+        (lambda: ops.decompress_2to4(compressed[0], bad_meta), "row 300 group 40"),
+        (lambda: ops.dense_to_bsr(weight, block_keep[:-1], 8), "block-level"),
+        (lambda: ops.keep_indices(keep.float()), "bool"),
+    ]
+
+    def worker(seed: int) -> int:
+        cases = [(c, True) for c in valid] + [(c, False) for c in invalid]
+        random.Random(seed).shuffle(cases)
+        for (call, expected), ok in cases * 2:
+            if ok:
+                assert_same(call(), expected)
+            else:
+                with pytest.raises((ValueError, TypeError), match=expected):
+                    call()
+        return len(cases) * 2
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(16)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(worker, range(8))) == 8 * 2 * (len(valid) + len(invalid))
+    finally:
+        torch.set_num_threads(threads)

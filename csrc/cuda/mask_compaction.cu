@@ -76,7 +76,7 @@ unsigned long long read_error_word(const at::Tensor& word) {
 // which is exactly its rank among the row's kept columns, so the output is in
 // ascending column order like the CPU loop, without any sorting.
 __global__ void __launch_bounds__(kThreads)
-    keep_indices_kernel(const bool* __restrict__ mask, int64_t rows, int64_t n,
+    keep_indices_kernel(const uint8_t* __restrict__ mask, int64_t rows, int64_t n,
                         int32_t* __restrict__ indices, int32_t* __restrict__ counts) {
   __shared__ int warp_kept[kWarpsPerBlock];
   const int tid = static_cast<int>(threadIdx.x);
@@ -85,12 +85,12 @@ __global__ void __launch_bounds__(kThreads)
   const unsigned lower_lanes = (1u << lane) - 1u;  // lane 0 -> 0, lane 31 -> 0x7fffffff
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const bool* m = mask + row * n;
+    const uint8_t* m = mask + row * n;
     int32_t* out = indices + row * n;
     int64_t base = 0;
     for (int64_t start = 0; start < n; start += kThreads) {
       const int64_t j = start + tid;
-      const bool keep = j < n && m[j];
+      const bool keep = j < n && m[j] != 0;
       // Every lane reaches the ballot (the loop bound is block-uniform), so
       // the full mask is correct even in the ragged last chunk.
       const unsigned ballot = __ballot_sync(0xffffffffu, keep);
@@ -117,12 +117,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Fills indices [rows, n] and counts [rows] (int32, same device) from a
-// contiguous bool mask [rows, n]. n <= INT32_MAX is the caller's job.
+// contiguous bool mask [rows, n]. n <= INT32_MAX is the caller's job. The
+// mask is read as bytes, any nonzero byte meaning true (as on the CPU: a
+// bool byte other than 0/1 is undefined behaviour to load as bool).
 void launch_keep_indices(const at::Tensor& mask, at::Tensor& indices, at::Tensor& counts) {
   const int64_t rows = mask.size(0), n = mask.size(1);
   if (rows == 0) return;  // nothing to write; n == 0 still launches to write counts = 0
   keep_indices_kernel<<<blocks_for_rows(rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      mask.data_ptr<bool>(), rows, n, indices.data_ptr<int32_t>(), counts.data_ptr<int32_t>());
+      static_cast<const uint8_t*>(mask.data_ptr()), rows, n, indices.data_ptr<int32_t>(),
+      counts.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -221,7 +224,7 @@ __global__ void __launch_bounds__(kThreads)
 // report the count (3 or 4) in the CPU's message without another read.
 template <typename Bits>
 __global__ void __launch_bounds__(kThreads)
-    compress_2to4_kernel(const Bits* __restrict__ weight, const bool* __restrict__ mask,
+    compress_2to4_kernel(const Bits* __restrict__ weight, const uint8_t* __restrict__ mask,
                          int64_t rows, int64_t cols, int64_t words, Bits* __restrict__ values,
                          uint32_t* __restrict__ metadata, unsigned long long* first_error) {
   const int64_t groups = cols / 4;
@@ -240,7 +243,7 @@ __global__ void __launch_bounds__(kThreads)
       unsigned kept = 0;  // bit s set <=> slot s is kept
       for (int s = 0; s < 4; ++s) {
         w[s] = weight[base + s];
-        const bool keep = mask != nullptr ? mask[base + s] : !bits_are_zero(w[s]);
+        const bool keep = mask != nullptr ? mask[base + s] != 0 : !bits_are_zero(w[s]);
         kept |= static_cast<unsigned>(keep) << s;
       }
       const int n_kept = __popc(kept);
@@ -332,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_to_bsr_cuda(const at::Tenso
   auto kept_cols = at::empty({br, bc}, block_mask.options().dtype(at::kInt));
   auto counts = at::empty({br}, block_mask.options().dtype(at::kInt));
   launch_keep_indices(block_mask, kept_cols, counts);
-  auto crow = at::zeros({br + 1}, long_opts);
+  auto crow = allocate_row_pointer(br + 1, long_opts, "dense_to_bsr", "weight's block rows");
   if (br > 0) crow.slice(0, 1).copy_(at::cumsum(counts, 0, at::kLong));
   // nnz sizes the outputs, so it must reach the host (a conversion op, not a
   // per-step one: one sync is fine).
@@ -374,9 +377,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_transpose_cuda(const at::Tens
   const int64_t br = rows / bh, bc = cols / bw;
 
   auto values_t = at::empty({nnz, bw, bh}, values.options());
-  if (nnz == 0) {
-    return {at::zeros({bc + 1}, crow.options()), at::empty({0}, col.options()), values_t};
-  }
+  // Allocated first whatever nnz: a `cols` too large for W^T's row pointer is
+  // a named error here rather than an allocator message from searchsorted.
+  auto empty_crow_t = allocate_row_pointer(bc + 1, crow.options(), "bsr_transpose", "cols");
+  if (nnz == 0) return {empty_crow_t, at::empty({0}, col.options()), values_t};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // Block row of every stored block (check_bsr_args guarantees crow is a
@@ -394,6 +398,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsr_transpose_cuda(const at::Tens
   std::tie(sorted_cols, perm) =
       at::sort(col, /*stable=*/c10::optional<bool>(true), /*dim=*/0, /*descending=*/false);
   auto col_t = row_of.index_select(0, perm);
+  // A column listed twice in one block row: after the stable sort its two
+  // blocks are neighbours with equal (column, row). One more sync, before the
+  // values kernel (a conversion op; the CPU version checks in its serial pass).
+  if (nnz > 1) {
+    const auto dup = sorted_cols.slice(0, 1).eq(sorted_cols.slice(0, 0, nnz - 1))
+                         .logical_and_(col_t.slice(0, 1).eq(col_t.slice(0, 0, nnz - 1)));
+    const auto where = dup.nonzero();
+    if (where.size(0) > 0) {
+      const int64_t i = where[0][0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, "bsr_transpose: col_indices lists block column ",
+                        sorted_cols[i].item<int64_t>(), " twice in block row ",
+                        col_t[i].item<int64_t>(), "; a BSR row holds each column at most once");
+    }
+  }
   // crow_t[c] = number of blocks with column < c = left insertion point of c.
   auto crow_t = at::searchsorted(sorted_cols, at::arange(bc + 1, col.options()),
                                  /*out_int32=*/false, /*right=*/false);
@@ -427,7 +445,8 @@ std::tuple<at::Tensor, at::Tensor> compress_2to4_cuda(const at::Tensor& weight_i
     compress_2to4_kernel<Bits>
         <<<blocks_for_items(rows * words), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
             static_cast<const Bits*>(weight.data_ptr()),
-            mask.defined() ? mask.data_ptr<bool>() : nullptr, rows, cols, words,
+            mask.defined() ? static_cast<const uint8_t*>(mask.data_ptr()) : nullptr, rows, cols,
+            words,
             static_cast<Bits*>(values.data_ptr()),
             // The int32 words hold uint32 bit patterns (the CPU does the same cast).
             reinterpret_cast<uint32_t*>(metadata.data_ptr<int32_t>()), error_word_ptr(error));
