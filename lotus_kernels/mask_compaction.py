@@ -212,7 +212,7 @@ def check_2to4_metadata(metadata: torch.Tensor, cols: int, *, op: str = "decompr
         r, g = bad.nonzero()[0].tolist()
         i0, i1 = slots[r, g].tolist()
         raise ValueError(
-            f"decompress_2to4: metadata row {r} group {g} codes slots ({i0}, {i1}); "
+            f"{op}: metadata row {r} group {g} codes slots ({i0}, {i1}); "
             "a valid code holds two ascending slots"
         )
 

@@ -212,6 +212,17 @@ if _extension.is_built():
 # triton. Structure tensors (the BSR triple, its transpose and block rows) are
 # computed once per sparsity structure by the caller (SparseLinear keeps them
 # as buffers), never per call.
+#
+# Validation. The kernels trust every index they read: a column past the
+# weight, a row pointer past nnz or a launch order past the block rows reads
+# and writes out of bounds (a segfault under the interpreter). So a structure
+# is checked (one host sync) when it is made, and the triple a call receives
+# is checked once per index state: the check is remembered against the
+# tensors' identity and version counters (weight_cache.derived), so repeated
+# calls with one structure cost nothing, and an in-place change or a new
+# tensor (.to(), load_state_dict) is checked again on its next call. Under
+# torch.compile the tensors are trusted (checking there would bake one answer
+# into the graph): SparseLinear checks its layout whenever it is set or loaded.
 
 
 def _bsr_kernels():
@@ -238,7 +249,17 @@ class BlockSparseStructure(NamedTuple):
 
 
 def block_sparse_structure(crow_indices, col_indices, out_features: int, in_features: int, block_shape) -> BlockSparseStructure:
-    """The ``BlockSparseStructure`` of a BSR weight [out_features, in_features] with blocks block_shape (pure torch)."""
+    """The ``BlockSparseStructure`` of a BSR weight [out_features, in_features] with blocks block_shape (pure torch).
+
+    Checks that (crow_indices, col_indices) is a valid BSR structure first
+    (``mask_compaction.check_bsr_structure``: ValueError/TypeError; one host sync).
+    """
+    bh, bw = block_shape
+    check_bsr_structure(crow_indices, col_indices, out_features // bh, in_features // bw, op="block_sparse_structure")
+    return _build_block_sparse_structure(crow_indices, col_indices, out_features, in_features, (bh, bw))
+
+
+def _build_block_sparse_structure(crow_indices, col_indices, out_features, in_features, block_shape) -> BlockSparseStructure:
     bh, bw = block_shape
     crow_t, col_t, source_t = bsr_transpose_structure(crow_indices, col_indices, out_features // bh, in_features // bw)
     return BlockSparseStructure(
@@ -364,17 +385,19 @@ def block_sparse_matmul(
     Gradients flow to x, the stored blocks only, and bias.
     structure: from ``block_sparse_structure``; computed here when not given
     (pass it when calling repeatedly with one structure, as SparseLinear does).
+    The triple is checked (ValueError: row pointer, column range, a column
+    twice in a row; ``structure`` not made from these indices) on the first
+    call with each index state, and trusted under torch.compile (see
+    "Validation" above).
     """
     _check_block_sparse_matmul_args(x, values, crow_indices, col_indices, out_features, bias, activation)
-    block_cols = x.shape[-1] // values.shape[2]
+    bh, bw = values.shape[1:]
+    block_cols = x.shape[-1] // bw
+    cols_hint = f"x's last dim {x.shape[-1]} holds only {block_cols} blocks of width {bw}"
     if structure is None:
-        # One-off path (a host sync): a column past x's width would read out of bounds.
-        if col_indices.numel() and int(col_indices.max()) >= block_cols:
-            raise ValueError(
-                f"block_sparse_matmul: the weight has block columns up to {int(col_indices.max())} but x's last dim "
-                f"{x.shape[-1]} holds only {block_cols} blocks of width {values.shape[2]}"
-            )
-        structure = block_sparse_structure(crow_indices, col_indices, out_features, x.shape[-1], values.shape[1:])
+        # One-off path (host syncs): the whole triple is checked, then its structure built.
+        check_bsr_structure(crow_indices, col_indices, out_features // bh, block_cols, op="block_sparse_matmul", cols_hint=cols_hint)
+        structure = _build_block_sparse_structure(crow_indices, col_indices, out_features, x.shape[-1], (bh, bw))
     else:
         if not isinstance(structure, BlockSparseStructure):
             raise TypeError(f"block_sparse_matmul: structure must be a BlockSparseStructure (from block_sparse_structure), got {type(structure).__name__}")
@@ -385,11 +408,44 @@ def block_sparse_matmul(
                 f"block_sparse_matmul: x's last dim {x.shape[-1]} does not match the weight's in_features "
                 f"{(structure.crow_t.shape[0] - 1) * values.shape[2]}"
             )
+        if not torch.compiler.is_compiling():
+            _check_structure_once(crow_indices, col_indices, structure, out_features, x.shape[-1], (bh, bw), cols_hint)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     store_pre = activation == "gelu" and torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
     y, _ = _block_sparse_matmul(x2, values, crow_indices, col_indices, *structure, bias, out_features, activation, store_pre)
     return y.reshape(*lead, out_features)
+
+
+def _check_structure_once(crow, col, structure, out_features, in_features, block, cols_hint) -> None:
+    """The triple is valid and ``structure`` is exactly its block_sparse_structure; remembered per index state."""
+
+    def check() -> torch.Tensor:
+        check_bsr_structure(crow, col, out_features // block[0], in_features // block[1], op="block_sparse_matmul", cols_hint=cols_hint)
+        expected = _build_block_sparse_structure(crow, col, out_features, in_features, block)
+        for name, got, want in zip(BlockSparseStructure._fields, structure, expected):
+            if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+                raise ValueError(
+                    f"block_sparse_matmul: structure.{name} does not belong to crow_indices/col_indices "
+                    f"(got {got.dtype} {tuple(got.shape)}); make it with block_sparse_structure(crow_indices, "
+                    "col_indices, out_features, in_features, block_shape) and rebuild it whenever they change"
+                )
+        return _CHECKED
+
+    key = f"checked-bsr-structure-{out_features}x{in_features}-{block[0]}x{block[1]}"
+    weight_cache.derived(key, crow, (col, *structure), check)
+
+
+def _check_metadata_once(metadata: torch.Tensor, in_features: int) -> None:
+    def check() -> torch.Tensor:
+        check_2to4_metadata(metadata, in_features, op="semi_structured_matmul")
+        return _CHECKED
+
+    weight_cache.derived(f"checked-2:4-metadata-{in_features}", metadata, (), check)
+
+
+# What weight_cache remembers for a check that passed: nothing but the fact.
+_CHECKED = torch.empty(0)
 
 
 BLOCK_SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -499,6 +555,10 @@ def semi_structured_matmul(
     x [..., K] (fp16, bf16 or fp32, any strides), bias [N] or None,
     activation "none" | "gelu" -> [..., N]. Gradients flow to x, the kept
     values only, and bias.
+    metadata must code two ascending slots per group (what compress_2to4
+    writes): checked on the first call with each metadata tensor and again
+    after it changes in place (ValueError naming the first bad group; one
+    host sync), trusted under torch.compile.
     """
     for t, name in ((x, "x"), (values, "values"), (metadata, "metadata")):
         _tensor(t, name)
@@ -519,6 +579,10 @@ def semi_structured_matmul(
         if bias.shape != (n,) or bias.dtype != x.dtype:
             raise ValueError(f"semi_structured_matmul: bias must be [{n}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     _check_on_device_of_x("semi_structured_matmul", x, {"values": values, "metadata": metadata, "bias": bias})
+    if not torch.compiler.is_compiling():
+        # A code with i0 >= i1 would place two values in one slot (y silently wrong). Checked
+        # once per metadata state, as the block structure is (see "Validation" above).
+        _check_metadata_once(metadata, k)
     lead = x.shape[:-1]
     store_pre = activation == "gelu" and torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
     y, _ = _semi_structured_matmul(x.reshape(-1, k), values, metadata, bias, activation, store_pre)
