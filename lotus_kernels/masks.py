@@ -30,6 +30,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .mask_compaction import normalized_mask
+
 PATTERNS = ("unstructured", "2:4", "block")
 
 
@@ -86,14 +88,18 @@ def check_tensor(t, name: str, *, dim: int | None = None, finite: bool = True) -
 
 
 def check_mask(mask, like: torch.Tensor, name: str = "mask") -> torch.Tensor:
-    """A bool tensor with the shape of ``like``, moved to its device."""
+    """A bool tensor with the shape of ``like``, moved to its device, every byte 0 or 1.
+
+    Any nonzero byte counts as true (``mask_compaction.normalized_mask``): a
+    uint8 tensor viewed as bool would otherwise pack and select inconsistently.
+    """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
     if mask.shape != like.shape:
         raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(mask.shape)}")
-    return mask.to(like.device)
+    return normalized_mask(mask.to(like.device))
 
 
 def num_pruned(numel: int, sparsity: float) -> int:

@@ -244,8 +244,9 @@ class SparseLinear(nn.Module):
         weight = weight.to(self.values.dtype)
         if self.pattern == "block":
             crow, col, values = ops.dense_to_bsr(weight, mask, self.block_size)
+            structure = ops.block_sparse_structure(crow, col, self.out_features, self.in_features, self.block_size)
             self.crow_indices, self.col_indices = crow, col
-            self._refresh_block_structure()
+            self._set_block_structure(structure)
         elif self.pattern == "2:4":
             values, self.metadata = ops.compress_2to4(weight, mask)
         else:
@@ -353,9 +354,11 @@ class SparseLinear(nn.Module):
         return ops.BlockSparseStructure(*(getattr(self, f"_bs_{name}") for name in ops.BlockSparseStructure._fields))
 
     def _refresh_block_structure(self) -> None:
-        structure = ops.block_sparse_structure(
-            self.crow_indices, self.col_indices, self.out_features, self.in_features, self.block_size
+        self._set_block_structure(
+            ops.block_sparse_structure(self.crow_indices, self.col_indices, self.out_features, self.in_features, self.block_size)
         )
+
+    def _set_block_structure(self, structure: ops.BlockSparseStructure) -> None:
         for name, tensor in structure._asdict().items():
             self.register_buffer(f"_bs_{name}", tensor, persistent=False)
 
@@ -377,12 +380,17 @@ class SparseLinear(nn.Module):
         pass
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # The compact tensors' sizes depend on the mask (nnz), so a fresh module
-        # adopts the saved sizes instead of reporting a size mismatch.
-        problem = self._check_saved_layout(state_dict, prefix)
+        # All or nothing: every saved tensor of the layout is checked (keys, types, dtypes,
+        # shapes, index values) before anything is resized or copied. A layer that loaded
+        # half a layout (new values and col_indices over old crow_indices) read out of
+        # bounds on its next forward. An incomplete layout is refused even with
+        # strict=False: missing metadata would leave the old codes under new values.
+        problem, structure = self._check_saved_state(state_dict, prefix)
         if problem:
             error_msgs.append(f"{prefix or 'SparseLinear'}: {problem}")
             return
+        # The compact tensors' sizes depend on the mask (nnz), so a fresh module
+        # adopts the saved sizes instead of reporting a size mismatch.
         for name in ("values", "col_indices"):
             saved = state_dict.get(prefix + name)
             current = getattr(self, name, None)
@@ -394,11 +402,16 @@ class SparseLinear(nn.Module):
             else:
                 setattr(self, name, fresh)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if self.pattern == "block":
-            self._refresh_block_structure()
+        if structure is not None:
+            # Built from the checked saved triple before anything changed (it cannot fail here).
+            self._set_block_structure(structure)
 
-    def _check_saved_layout(self, state_dict, prefix) -> str | None:
-        """Consistency of the saved compact tensors (a corrupt file must not load silently)."""
+    def _check_saved_state(self, state_dict, prefix) -> tuple[str | None, ops.BlockSparseStructure | None]:
+        """(problem, block structure to install): problem is None when the saved layer loads cleanly.
+
+        The structure is that of the saved block triple (None for other
+        patterns, or when the state holds no layout for this layer).
+        """
         saved = state_dict.get(prefix + "_extra_state")
         if isinstance(saved, Mapping):
             mine = self.get_extra_state()
@@ -406,51 +419,68 @@ class SparseLinear(nn.Module):
             theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in {"activation": "none", **saved}.items()}
             diff = [f"{k} saved {theirs.get(k)!r} vs module {mine[k]!r}" for k in keys if theirs.get(k) != mine[k]]
             if diff:
-                return "the saved layer does not match this module: " + ", ".join(diff)
-        values = state_dict.get(prefix + "values")
-        if values is None:
-            return None  # reported as a missing key by the caller
+                return "the saved layer does not match this module: " + ", ".join(diff), None
+        layout = ("values", *INDEX_BUFFERS[self.pattern])
+        present = [name for name in layout if prefix + name in state_dict]
+        if not present:
+            return None, None  # this layer is not in the state: load_state_dict reports the missing keys
+        missing = [name for name in layout if name not in present]
+        if missing:
+            return (
+                f"the saved {self.pattern!r} layout is incomplete: it has {present} but not {missing}; "
+                f"values and {list(INDEX_BUFFERS[self.pattern])} load together or not at all"
+            ), None
+        tensors = {name: state_dict[prefix + name] for name in layout}
+        if self.bias is not None and prefix + "bias" in state_dict:
+            tensors["bias"] = state_dict[prefix + "bias"]
+        index_dtypes = {"crow_indices": torch.int64, "col_indices": torch.int64, "metadata": torch.int32, "packed_mask": torch.uint8}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                return f"saved {name} is a {type(t).__name__}, not a tensor", None
+            if t.layout != torch.strided or t.device.type == "meta":
+                return f"saved {name} must be a dense tensor with data, got layout {t.layout} on {t.device}", None
+            want = index_dtypes.get(name)
+            if want is not None and t.dtype != want:
+                # A float col_indices passed the range check and was truncated by the copy.
+                return f"saved {name} must be {want}, got {t.dtype}", None
+            if want is None and not t.is_floating_point():
+                # int64 values were truncated silently into the float parameter.
+                return f"saved {name} must be a floating-point tensor, got {t.dtype}", None
+        if "bias" in tensors and tensors["bias"].shape != self.bias.shape:
+            return f"saved bias has shape {tuple(tensors['bias'].shape)}, expected {tuple(self.bias.shape)}", None
+        values = tensors["values"]
         if self.pattern == "2:4":
-            metadata = state_dict.get(prefix + "metadata")
-            if metadata is None:
-                return None
-            if metadata.shape != self.metadata.shape or metadata.dtype != torch.int32:
-                return f"saved metadata has shape {tuple(metadata.shape)}, expected {tuple(self.metadata.shape)} int32"
+            metadata = tensors["metadata"]
+            if metadata.shape != self.metadata.shape:
+                return f"saved metadata has shape {tuple(metadata.shape)}, expected {tuple(self.metadata.shape)} int32", None
             if values.shape != self.values.shape:
-                return f"saved values have shape {tuple(values.shape)}, expected {tuple(self.values.shape)}"
+                return f"saved values have shape {tuple(values.shape)}, expected {tuple(self.values.shape)}", None
             try:
                 check_2to4_metadata(metadata, self.in_features)
             except ValueError as e:
-                return str(e)
-            return None
+                return str(e), None
+            return None, None
         if self.pattern == "block":
-            crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
-            if crow is None or col is None:
-                return None
-            nnz = values.shape[0] if values.dim() == 3 else -1
+            crow, col = tensors["crow_indices"], tensors["col_indices"]
             bh, bw = self.block_size
-            expected_rows = self.out_features // bh + 1
-            ok = (
-                values.dim() == 3
-                and tuple(values.shape[1:]) == (bh, bw)
-                and crow.shape == (expected_rows,)
-                and col.shape == (nnz,)
-                and int(crow[0]) == 0
-                and int(crow[-1]) == nnz
-                and bool((crow.diff() >= 0).all())
-                and (nnz == 0 or 0 <= int(col.min()) and int(col.max()) < self.in_features // bw)
-            )
-            return None if ok else "saved BSR triple is inconsistent with this layer's shape and block size"
-        if self.pattern == "unstructured":
-            packed = state_dict.get(prefix + "packed_mask")
-            if packed is None:
-                return None
-            if packed.shape != self.packed_mask.shape or packed.dtype != torch.uint8:
-                return f"saved packed_mask has shape {tuple(packed.shape)}, expected {tuple(self.packed_mask.shape)}"
-            kept = int(unpack_mask_bits(packed, self.in_features).sum())
-            if values.shape != (kept,):
-                return f"saved values hold {tuple(values.shape)} entries but the saved mask keeps {kept}"
-        return None
+            if values.dim() != 3 or tuple(values.shape[1:]) != (bh, bw) or col.shape != values.shape[:1]:
+                return (
+                    f"saved BSR triple is inconsistent with this layer's shape and block size: values "
+                    f"{tuple(values.shape)} must be [nnz, {bh}, {bw}] with col_indices [nnz], got col_indices {tuple(col.shape)}"
+                ), None
+            device = self.crow_indices.device
+            try:
+                structure = ops.block_sparse_structure(crow.to(device), col.to(device), self.out_features, self.in_features, self.block_size)
+            except (ValueError, TypeError) as e:
+                return f"saved BSR triple is inconsistent with this layer's shape and block size: {e}", None
+            return None, structure
+        packed = tensors["packed_mask"]
+        if packed.shape != self.packed_mask.shape:
+            return f"saved packed_mask has shape {tuple(packed.shape)}, expected {tuple(self.packed_mask.shape)}", None
+        kept = int(unpack_mask_bits(packed, self.in_features).sum())
+        if values.shape != (kept,):
+            return f"saved values hold {tuple(values.shape)} entries but the saved mask keeps {kept}", None
+        return None, None
 
 
 # ---------------------------------------------------------------------------

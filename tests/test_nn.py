@@ -381,3 +381,92 @@ def test_non_finite_weights_are_rejected(bad):
     for pattern in ("2:4", "block", "unstructured"):
         with pytest.raises(ValueError, match="NaN or Inf"):
             SparseLinear.from_dense(linear, pattern, sparsity=None if pattern == "2:4" else 0.5)
+
+
+# ---------------------------------------------------------------------- hostile state_dicts (issue #16)
+
+
+def _corruptions(pattern: str):
+    """(name, state -> corrupted state, text the error must contain) for a saved layer of this pattern."""
+    index = {"block": ("crow_indices", "col_indices"), "2:4": ("metadata",), "unstructured": ("packed_mask",)}[pattern]
+    cases = [(f"no {name}", lambda s, n=name: {k: v for k, v in s.items() if k != n}, f"not ['{name}']") for name in index]
+    cases += [
+        ("no values", lambda s: {k: v for k, v in s.items() if k != "values"}, "not ['values']"),
+        ("int64 values", lambda s: {**s, "values": s["values"].long()}, "values must be a floating-point tensor"),
+        ("values on meta", lambda s: {**s, "values": s["values"].to("meta")}, "dense tensor with data"),
+        ("values as a list", lambda s: {**s, "values": s["values"].tolist()}, "not a tensor"),
+        ("bias of another shape", lambda s: {**s, "bias": s["bias"][:-1]}, "saved bias has shape"),
+        (f"float {index[-1]}", lambda s, n=index[-1]: {**s, n: s[n].float()}, f"{index[-1]} must be torch."),
+    ]
+    if pattern == "block":
+
+        def bump(s, at):
+            crow = s["crow_indices"].clone()
+            crow[at] += 1
+            return {**s, "crow_indices": crow}
+
+        def duplicate(s):
+            col = s["col_indices"].clone()
+            col[1] = col[0]  # block row 0 keeps at least two blocks here
+            return {**s, "col_indices": col}
+
+        cases += [
+            ("crow[-1] + 1", lambda s: bump(s, -1), "valid BSR row pointer"),
+            ("crow[1] + 1", lambda s: bump(s, 1), "inconsistent"),  # moves a block into row 0 twice
+            ("col = -3", lambda s: {**s, "col_indices": torch.full_like(s["col_indices"], -3)}, "must lie in [0, 6)"),
+            ("col = 10**8", lambda s: {**s, "col_indices": torch.full_like(s["col_indices"], 10**8)}, "must lie in [0, 6)"),
+            ("duplicate column", duplicate, "twice in block row 0"),
+            ("values of another block", lambda s: {**s, "values": s["values"][:, :, :8]}, "inconsistent"),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("pattern", ["block", "2:4", "unstructured"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_failed_load_changes_nothing_and_names_the_problem(pattern, strict):
+    # Before: values/col_indices were resized and copied before the structure check raised,
+    # and the next triton forward read out of bounds; a missing key said "allocated size does
+    # not match required size"; float col_indices were truncated, int64 values too; with
+    # strict=False a layout without metadata/packed_mask loaded and computed wrong outputs.
+    keep = torch.ones(4, 6, dtype=torch.bool)
+    keep[1, 1] = keep[3, 0] = False
+    source = SparseLinear.from_dense(make_linear(seed=1), pattern, mask=masks.expand_block_mask(keep, 16) if pattern == "block" else None,
+                                     sparsity=0.5 if pattern == "unstructured" else None, block_size=16)
+    saved = source.state_dict()
+    target = SparseLinear.from_dense(make_linear(seed=2), pattern, sparsity=None if pattern == "2:4" else 0.3, block_size=16,
+                                     backend="triton" if pattern != "unstructured" else "auto")
+    before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
+    x = torch.randn(3, 96)
+    y_before = target(x)
+    for name, corrupt, text in _corruptions(pattern):
+        with pytest.raises(RuntimeError) as info:
+            target.load_state_dict(corrupt(dict(saved)), strict=strict)
+        assert text in str(info.value), (name, str(info.value))
+        after = target.state_dict()
+        for key, tensor in before.items():
+            assert after[key].shape == tensor.shape and torch.equal(after[key], tensor), (name, key)
+        assert torch.equal(target(x), y_before), name
+    target.load_state_dict(saved, strict=strict)  # and the clean state still loads
+    torch.testing.assert_close(target(x), F.linear(x, source.to_dense(), source.bias))
+
+
+def test_a_state_without_the_layer_loads_the_rest_under_strict_false():
+    # strict=False is for partial states: a layer absent from the state stays as it was.
+    layer = SparseLinear.from_dense(make_linear(), "2:4")
+    before = layer.values.clone()
+    result = layer.load_state_dict({"bias": torch.zeros(64)}, strict=False)
+    assert set(result.missing_keys) == {"values", "metadata", "_extra_state"}
+    assert torch.equal(layer.values, before) and torch.equal(layer.bias, torch.zeros(64))
+
+
+def test_masks_whose_bytes_are_not_0_1_build_the_same_layer():
+    linear = make_linear()
+    clean = masks.magnitude_mask(linear.weight.detach(), 0.5)
+    weird = (clean.to(torch.uint8) * 5).view(torch.bool)  # bytes 0 / 5
+    for pattern, mask in (("unstructured", (clean, weird)), ("2:4", (masks.nm_mask(linear.weight.detach()),) * 2)):
+        mask_clean, mask_weird = mask
+        if pattern == "2:4":
+            mask_weird = (mask_clean.to(torch.uint8) * 3).view(torch.bool)
+        a = SparseLinear.from_dense(linear, pattern, mask=mask_clean)
+        b = SparseLinear.from_dense(linear, pattern, mask=mask_weird)
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict() if k != "_extra_state")
