@@ -16,11 +16,14 @@ Counting and ties, the same everywhere:
 - the lowest scores go first; among equal scores the earliest position goes
   first (flattened row-major order; across tensors, the dict's order). N:M
   groups keep their n highest, the earlier position winning a tie;
-- scores are compared as float32 (-0.0 equals +0.0).
+- scores are compared in their own precision: float32 for fp32 and the 16-bit
+  formats (exact for both), float64 when any score is float64 (1e300 and 1e200
+  differ there and are both inf in float32); -0.0 equals +0.0.
 
 Global selection never sorts all weights: it finds the exact threshold with a
-4-pass radix select over 8-bit histograms (O(numel) time, one tensor's worth
-of temporary memory), so it scales to large models.
+radix select over 8-bit histograms (4 passes for float32 keys, 8 for float64;
+O(numel) time, one tensor's worth of temporary memory), so it scales to large
+models.
 """
 
 from __future__ import annotations
@@ -112,9 +115,23 @@ def num_pruned(numel: int, sparsity: float) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _sortable_keys(score: torch.Tensor) -> torch.Tensor:
-    """Order-preserving map of float32 scores to int64 keys in [0, 2**32)."""
-    # "+ 0.0" turns -0.0 into +0.0 so that the two compare equal.
+def _ranks_in_float64(scores) -> bool:
+    """Whether scores are ranked as float64 (any of them is), else as float32 (exact for fp32/fp16/bf16)."""
+    return any(s.dtype == torch.float64 for s in scores)
+
+
+def _rank_dtype(score: torch.Tensor) -> torch.dtype:
+    return torch.float64 if score.dtype == torch.float64 else torch.float32
+
+
+def _sortable_keys(score: torch.Tensor, wide: bool) -> torch.Tensor:
+    """Order-preserving map of scores to int64 keys: float32 values to [0, 2**32), or (wide) float64 to all of int64."""
+    if wide:
+        # "+ 0.0" turns -0.0 into +0.0 so that the two compare equal.
+        bits = (score.detach().double() + 0.0).contiguous().view(torch.int64)
+        # As signed integers, non-negative doubles already order like their values;
+        # negative ones order in reverse, and flipping all but the sign bit fixes that.
+        return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits).flatten()
     bits = (score.detach().float() + 0.0).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     negative = bits >= 2**31
     # Negative floats order in reverse of their bits; flipping them all and
@@ -122,20 +139,31 @@ def _sortable_keys(score: torch.Tensor) -> torch.Tensor:
     return torch.where(negative, 0xFFFFFFFF - bits, bits + 2**31).flatten()
 
 
-def _kth_smallest_key(keys: list[torch.Tensor], k: int) -> int:
-    """The k-th smallest (1-based) of all keys, one byte at a time from the top."""
+def _kth_smallest_key(keys: list[torch.Tensor], k: int, wide: bool) -> int:
+    """The k-th smallest (1-based) of all keys, one byte at a time from the top.
+
+    Narrow keys are non-negative 32-bit values; wide keys are signed 64-bit, so
+    their top byte is read with the sign bit flipped (0x80: the most negative
+    keys first) and the prefix is kept as the signed value it spells.
+    """
+    top = 56 if wide else 24
     prefix = 0
-    for shift in (24, 16, 8, 0):
+    for shift in range(top, -1, -8):
         hist = torch.zeros(256, dtype=torch.int64, device=keys[0].device)
         for key in keys:
-            if shift != 24:  # only keys that share the bytes chosen so far
+            if shift != top:  # only keys that share the bytes chosen so far
                 key = key[(key >> (shift + 8)) == (prefix >> (shift + 8))]
-            hist += torch.bincount((key >> shift) & 0xFF, minlength=256)
+            byte_of = (key >> shift) & 0xFF
+            hist += torch.bincount(byte_of ^ 0x80 if wide and shift == top else byte_of, minlength=256)
         cumulative = hist.cumsum(0)
         byte = int(torch.searchsorted(cumulative, torch.tensor(k, device=cumulative.device)))
         if byte > 0:
             k -= int(cumulative[byte - 1])
-        prefix |= byte << shift
+        if wide and shift == top:
+            byte ^= 0x80
+            prefix = (byte - 256 if byte >= 128 else byte) << shift  # the sign lives in the top byte
+        else:
+            prefix |= byte << shift
     return prefix
 
 
@@ -143,8 +171,9 @@ def _prune_lowest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Keep-masks that prune exactly the k lowest scores over all tensors, ties by position."""
     if k == 0:
         return [torch.ones_like(s, dtype=torch.bool) for s in scores]
-    keys = [_sortable_keys(s) for s in scores]
-    threshold = _kth_smallest_key(keys, k)
+    wide = _ranks_in_float64(scores)
+    keys = [_sortable_keys(s, wide) for s in scores]
+    threshold = _kth_smallest_key(keys, k, wide)
     ties_to_prune = k - sum(int((key < threshold).sum()) for key in keys)
     masks = []
     for score, key in zip(scores, keys):
@@ -193,7 +222,7 @@ def nm_score_mask(score: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
         raise ValueError(
             f"in_features (last dim of shape {tuple(score.shape)}) must be divisible by m={m} for {n}:{m} sparsity"
         )
-    groups = score.detach().float().reshape(-1, m)
+    groups = score.detach().to(_rank_dtype(score)).reshape(-1, m)
     # A stable descending sort keeps the earlier position first among ties.
     top = torch.sort(groups, dim=-1, descending=True, stable=True).indices[:, :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter(-1, top, True)
@@ -207,7 +236,7 @@ def block_score_mask(score: torch.Tensor, sparsity: float, block_size=32) -> tor
     rows, cols = score.shape
     if rows % bh or cols % bw:
         raise ValueError(f"shape {tuple(score.shape)} is not divisible by block_size {(bh, bw)}")
-    block_scores = score.detach().float().reshape(rows // bh, bh, cols // bw, bw).sum((1, 3))
+    block_scores = score.detach().to(_rank_dtype(score)).reshape(rows // bh, bh, cols // bw, bw).sum((1, 3))
     return expand_block_mask(score_mask(block_scores, sparsity), (bh, bw))
 
 
@@ -262,8 +291,16 @@ def block_mask(w: torch.Tensor, sparsity: float, block_size=32, norm: str = "l2"
     check_tensor(w, "w", dim=2)
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
-    # The squared L2 norm orders blocks exactly like the L2 norm.
-    score = w.abs() if norm == "l1" else w.float().square()
+    # Block sums in float64, of |w| scaled by a power of two (exact) so that its
+    # largest entry is below 1: squares and sums of finite weights never
+    # overflow (1e20 squared was inf in float32, then "NaN or Inf"). The
+    # squared L2 norm orders blocks exactly like the L2 norm.
+    a = w.detach().double().abs()
+    exponent = int(torch.frexp(a.max()).exponent) if a.numel() else 0
+    if exponent > 0:  # below 1 already: nothing to overflow (and 2**-e of a tiny peak would)
+        # fp64 weights ~150 orders of magnitude below the largest square to 0 and tie.
+        a = a * 2.0**-exponent
+    score = a if norm == "l1" else a.square()
     return block_score_mask(score, sparsity, block_size)
 
 

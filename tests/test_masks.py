@@ -213,3 +213,49 @@ def test_reduce_block_mask_names_the_mixed_block():
     with pytest.raises(ValueError, match=r"block \(1, 1\)"):
         masks.reduce_block_mask(mask, 4)
     assert masks.reduce_block_mask(mask, 4, strict=False).all()
+
+
+# ---------------------------------------------------------------------- precision (issue #16)
+
+
+def test_float64_weights_are_ranked_in_float64():
+    # Before: ranked as float32, where 1e300 and 1e200 are both inf, so 0.5 pruned the largest.
+    w = torch.tensor([[1e300, 1e200, 1e100, 1.0]], dtype=torch.float64)
+    assert masks.magnitude_mask(w, 0.5).tolist() == [[True, True, False, False]]
+    assert masks.nm_mask(w).tolist() == [[True, True, False, False]]
+    assert masks.score_mask(-w, 0.5).tolist() == [[False, False, True, True]]
+    both = masks.global_magnitude_masks({"a": w, "b": torch.tensor([5.0, -3.0])}, 0.5)
+    assert both["a"].tolist() == [[True, True, True, False]] and both["b"].tolist() == [False, False]
+    # Differences below float32's resolution count too.
+    close = torch.tensor([1.0 + 2**-40, 1.0, 1.0 + 2**-41, 1.0 + 2**-42], dtype=torch.float64)
+    assert masks.score_mask(close, 0.5).tolist() == [True, False, True, False]
+    assert masks.block_mask(close.reshape(2, 2), 0.5, (1, 2)).tolist() == [[True, True], [False, False]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    # Any finite double, and often ones that float32 would round to +-inf or to 0 (ties there).
+    values=st.lists(
+        st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.floats(1e39, 1e300), st.floats(-1e300, -1e39), st.floats(-1e-46, 1e-46)),
+        min_size=1, max_size=40,
+    ),
+    sparsity=st.floats(0, 0.99),
+)
+def test_float64_ranking_matches_a_full_sort(values, sparsity):
+    score = torch.tensor(values, dtype=torch.float64) + 0.0  # -0.0 ties +0.0, as the masks compare them
+    k = masks.num_pruned(score.numel(), sparsity)
+    order = torch.sort(score, stable=True).indices
+    expected = torch.ones_like(score, dtype=torch.bool)
+    expected[order[:k]] = False
+    assert torch.equal(masks.score_mask(score, sparsity), expected)
+
+
+def test_block_mask_of_large_finite_weights():
+    # Before: 1e20 squared overflowed float32 and the check said "NaN or Inf".
+    w = torch.full((4, 4), 1e20)
+    w[0, 0] = 3e20
+    mask = masks.block_mask(w, 0.5, 2)
+    assert int((~mask).sum()) == 8 and bool(mask[0, 0])
+    big = torch.tensor([[1e300, 1e300], [1e299, 1e301]], dtype=torch.float64)
+    assert masks.block_mask(big, 0.5, (1, 2)).tolist() == [[False, False], [True, True]]
+    assert masks.block_mask(big, 0.5, (1, 2), norm="l1").tolist() == [[False, False], [True, True]]
