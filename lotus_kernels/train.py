@@ -13,6 +13,14 @@ and writes into ``out_dir``:
 - ``checkpoints/last.pt`` (every ``checkpoint_every`` epochs and at the end)
   and ``checkpoints/best.pt`` (best val_acc with a holdout, else test_acc),
   written atomically (temp file in the same directory, fsync, os.replace).
+  The pair stays consistent: best.pt is always the epoch last.pt's "best"
+  record names. An improvement waits in ``best.pending.pt`` until last.pt is
+  written with it (then renamed over best.pt); a resume promotes or drops a
+  pending file by last.pt's record. Temp files a killed save left behind are
+  removed by the next save.
+- Every checkpoint loads with ``torch.load(weights_only=True)``, and nothing
+  here loads one any other way (unpickling runs code): ``extra_state`` must
+  hold tensors, numbers, strings, None and lists/tuples/dicts of them.
 
 Reproducibility: the model is initialised after seeding with ``config.seed``;
 the global RNGs (torch, numpy, python) are reseeded at the start of every
@@ -39,11 +47,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import pathlib
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -721,11 +731,33 @@ def _fsync_dir(directory: pathlib.Path) -> None:
         os.close(fd)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temp_files(directory: pathlib.Path) -> None:
+    """Temp files (``_atomic_write``'s ``.NAME.PID.tmp``) that killed saves left in ``directory``."""
+    for tmp in directory.glob(".*.tmp"):
+        pid = tmp.name[: -len(".tmp")].rpartition(".")[2]
+        # Another live process's save is left alone (a pid reused since is kept too: harmless).
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def _atomic_write(path: pathlib.Path, write: Callable) -> None:
     """write(file object) into a temp file beside ``path``, fsync, then os.replace it over ``path``.
 
-    A crash at any point leaves either the old file or the new one, never a torn one.
+    A crash at any point leaves either the old file or the new one, never a
+    torn one; a kill leaves the temp file, which the next write removes.
     """
+    _remove_stale_temp_files(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -744,16 +776,63 @@ def _save_checkpoint(path: pathlib.Path, state: dict) -> None:
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _reconcile_best(saved: dict, last_path: pathlib.Path, best_path: pathlib.Path, pending_path: pathlib.Path) -> None:
+    """Make best.pt the epoch that last.pt's "best" record names, after a crash anywhere in a save.
+
+    best.pending.pt of the recorded epoch (killed between writing last.pt and
+    the rename) becomes best.pt; one of a later epoch belongs to epochs the
+    resumed run redoes and is dropped. Runs saved before best.pending.pt
+    existed wrote last.pt then best.pt: when the record names last.pt's own
+    epoch and best.pt is not it, last.pt (the same state) is copied over.
+    """
+    record = (saved.get("best") or {}).get("epoch")
+    if pending_path.exists():
+        if record is not None and _checkpoint_epoch(pending_path) == record:
+            os.replace(pending_path, best_path)
+        else:
+            pending_path.unlink()
+        _fsync_dir(best_path.parent)
+    if record is None or (best_path.exists() and _checkpoint_epoch(best_path) == record):
+        return
+    if record == saved["epoch"]:
+
+        def copy_last(f) -> None:
+            with open(last_path, "rb") as src:
+                shutil.copyfileobj(src, f)
+
+        _atomic_write(best_path, copy_last)
+    else:
+        warnings.warn(
+            f"{best_path} does not hold epoch {record}, the best one {last_path} records; it is replaced at the "
+            "next improvement",
+            stacklevel=3,
+        )
+
+
 def _is_our_checkpoint(obj) -> bool:
     return isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT
 
 
-def load_checkpoint(path, *, map_location="cpu", trusted: bool = False) -> dict:
+# What every use of a checkpoint reads (eval, export, the pipeline stages), and what resuming adds.
+CHECKPOINT_KEYS = ("model", "config", "num_classes", "epoch")
+RESUME_KEYS = ("optimizer", "step", "rng")
+
+# How to turn a checkpoint that needs a full unpickle into one we load: said, never done for the user.
+CONVERT_HINT = (
+    "lotus_kernels loads checkpoints with torch.load(weights_only=True) only: unpickling anything else runs code. "
+    "If you wrote this file yourself and trust it, convert it once: ckpt = torch.load(path, weights_only=False); "
+    "replace the objects in ckpt['extra'] (or wherever the error points) by tensors, numbers, strings, None, "
+    "lists or dicts of them; torch.save(ckpt, path)"
+)
+
+
+def load_checkpoint(path, *, map_location="cpu") -> dict:
     """A checkpoint written by ``train`` (a dict; see ``train`` for its keys).
 
-    Loads with ``weights_only=True``; ``trusted=True`` falls back to a full
-    unpickle when the checkpoint's ``extra`` holds objects that mode refuses
-    (only for files you wrote: unpickling runs code).
+    Loads with ``torch.load(weights_only=True)`` and nothing else: a file
+    holding other objects is refused with a ValueError that says how to
+    convert it (it is never unpickled). Checks the format and that the keys
+    every use reads (``CHECKPOINT_KEYS``) are there.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -763,15 +842,7 @@ def load_checkpoint(path, *, map_location="cpu", trusted: bool = False) -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for refused globals; other errors for corrupt files
-        if not trusted:
-            raise ValueError(
-                f"could not load checkpoint {str(path)!r} with weights_only=True ({type(e).__name__}: {e}); "
-                "if you wrote it yourself and its extra holds other objects, pass trusted=True"
-            ) from e
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as e2:
-            raise ValueError(f"could not load checkpoint {str(path)!r}: {type(e2).__name__}: {e2}") from e2
+        raise ValueError(f"could not load checkpoint {str(path)!r} ({type(e).__name__}: {e}). {CONVERT_HINT}") from e
     if not _is_our_checkpoint(ckpt):
         raise ValueError(f"{str(path)!r} is not a lotus_kernels.train checkpoint")
     if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
@@ -779,10 +850,42 @@ def load_checkpoint(path, *, map_location="cpu", trusted: bool = False) -> dict:
             f"checkpoint {str(path)!r} has format version {ckpt['format_version']}, newer than this "
             f"code's {CHECKPOINT_VERSION}: update lotus_kernels"
         )
+    _check_checkpoint_keys(ckpt, path, CHECKPOINT_KEYS)
+    for key, kind in (("model", Mapping), ("config", Mapping), ("num_classes", int), ("epoch", int)):
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            raise ValueError(f"checkpoint {str(path)!r}: {key!r} must be a {kind.__name__}, got {type(ckpt[key]).__name__}")
     return ckpt
 
 
-def model_from_checkpoint(path, *, map_location="cpu", trusted: bool = False) -> nn.Module:
+def _check_checkpoint_keys(ckpt: Mapping, path, keys) -> None:
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} lacks {missing} (damaged, or written by something else than train)")
+
+
+def _check_loads_weights_only(extra, name: str) -> None:
+    """ValueError unless ``extra`` survives torch.save + torch.load(weights_only=True) (checkpoints must)."""
+    buffer = io.BytesIO()
+    torch.save(extra, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{name} must hold only tensors, numbers, strings, None and lists/tuples/dicts of them: it is saved in "
+            f"checkpoints, which load with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+
+
+def _checkpoint_epoch(path: pathlib.Path) -> int | None:
+    """The epoch a checkpoint file holds (tensors memory-mapped, not read), or None when it cannot tell."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:
+        return None
+
+
+def model_from_checkpoint(path, *, map_location="cpu") -> nn.Module:
     """The trained model of a checkpoint (eval mode, on map_location).
 
     Built from the checkpoint's config; a model that was sparsified before it
@@ -793,7 +896,7 @@ def model_from_checkpoint(path, *, map_location="cpu", trusted: bool = False) ->
     """
     from .nn import sparsify_like_
 
-    ckpt = load_checkpoint(path, map_location=map_location, trusted=trusted)
+    ckpt = load_checkpoint(path, map_location=map_location)
     config = TrainConfig.from_dict(ckpt["config"])
     config = dataclasses.replace(config, pretrained=False)  # the weights come from the checkpoint
     model = sparsify_like_(build_model(config, ckpt["num_classes"]), ckpt["model"])
@@ -801,7 +904,8 @@ def model_from_checkpoint(path, *, map_location="cpu", trusted: bool = False) ->
         model.load_state_dict(_identity_layer_scale(model, ckpt["model"]))
     except (RuntimeError, ValueError) as e:
         if ckpt.get("model_source") == "config":
-            raise
+            # A ValueError (the CLI's one-line error), not load_state_dict's RuntimeError.
+            raise ValueError(f"checkpoint {str(path)!r}: its model state does not fit the model its config builds: {e}") from e
         raise ValueError(
             f"checkpoint {str(path)!r} holds a model passed to train(model=...) ({ckpt.get('model_class')}) "
             f"that the config does not rebuild ({str(e).splitlines()[0]}); build that model and "
@@ -961,9 +1065,11 @@ def train(
         an uninterrupted run's (bit for bit on CPU); extending epochs
         stretches the cosine over the new total from the next step on, so it
         then differs from a run planned that long from the start.
-    extra_state: picklable things (tensors, masks, ticket indices) saved
-        under "extra" in every checkpoint and returned as TrainResult.extra.
-        On resume without extra_state, the saved one is used.
+    extra_state: tensors, masks, ticket indices (tensors, numbers, strings,
+        None and lists/tuples/dicts of them: what torch.load(weights_only=True)
+        reads back; anything else is a ValueError here) saved under "extra" in
+        every checkpoint and returned as TrainResult.extra. On resume without
+        extra_state, the saved one is used.
     on_epoch_end(epoch, model, metrics): called on every rank after each
         epoch's evaluation, with the 1-based epoch, the unwrapped model and
         the metrics dict, which it may extend with JSON-serialisable values.
@@ -1018,20 +1124,23 @@ def train(
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     if extra_state is not None and not isinstance(extra_state, dict):
         raise TypeError(f"extra_state must be a dict or None, got {type(extra_state).__name__}")
+    if extra_state is not None:
+        _check_loads_weights_only(extra_state, "extra_state")
     for name, fn in (("on_epoch_end", on_epoch_end), ("token_hook", token_hook), ("eval_token_hook", eval_token_hook), ("on_step_end", on_step_end)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     out_dir = pathlib.Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    pending_best_path = ckpt_dir / "best.pending.pt"
     metrics_path = out_dir / "metrics.jsonl"
 
     saved = None
     if resume:
         if not last_path.is_file():
             raise ValueError(f"resume=True but there is no checkpoint at {last_path}")
-        # Our own run directory: trusted, so extra_state may hold any picklable object.
-        saved = load_checkpoint(last_path, trusted=True)
+        saved = load_checkpoint(last_path)
+        _check_checkpoint_keys(saved, last_path, RESUME_KEYS)
         diff = _config_diff(saved["config"], config)
         if diff:
             details = ", ".join(f"{k}: saved {saved['config'].get(k)!r} vs now {getattr(config, k, None)!r}" for k in diff)
@@ -1093,7 +1202,10 @@ def train(
     if config.init_from is not None and saved is None:
         _load_init_weights(model, config.init_from)
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError as e:
+            raise ValueError(f"cannot resume from {last_path}: its model state does not fit the model: {e}") from e
     model.to(device)
     model.train()
 
@@ -1163,8 +1275,10 @@ def train(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if saved is None:
             # overwrite=True: a stale best.pt from the old run must not outlive it.
-            for stale in (last_path, best_path):
+            for stale in (last_path, best_path, pending_best_path):
                 stale.unlink(missing_ok=True)
+        else:
+            _reconcile_best(saved, last_path, best_path, pending_best_path)
         _write_json(out_dir / "config.json", config.to_dict())
         # Rewritten, not appended to: drops lines of epochs after the checkpoint (a crash between the two).
         _write_metrics(metrics_path, history)
@@ -1299,12 +1413,19 @@ def train(
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(_metrics_line(metrics) + "\n")
-                if last_epoch or (epoch + 1) % config.checkpoint_every == 0 or improved:
+                save_last = last_epoch or (epoch + 1) % config.checkpoint_every == 0
+                if save_last or improved:
                     state = checkpoint_state(epoch + 1)
-                    if last_epoch or (epoch + 1) % config.checkpoint_every == 0:
-                        _save_checkpoint(last_path, state)
+                    # best.pt changes only together with a last.pt whose record names it: an
+                    # improvement waits in best.pending.pt (see _reconcile_best for a crash
+                    # anywhere in between).
                     if improved:
-                        _save_checkpoint(best_path, state)
+                        _save_checkpoint(pending_best_path, state)
+                    if save_last:
+                        _save_checkpoint(last_path, state)
+                        if pending_best_path.exists():
+                            os.replace(pending_best_path, best_path)
+                            _fsync_dir(ckpt_dir)
                 epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("train_loss", monitor) and v is not None})
             epoch_bar.update(1)
     finally:
