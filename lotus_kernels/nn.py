@@ -410,7 +410,11 @@ class SparseLinear(nn.Module):
         """(problem, block structure to install): problem is None when the saved layer loads cleanly.
 
         The structure is that of the saved block triple (None for other
-        patterns, or when the state holds no layout for this layer).
+        patterns, or when the state holds no layout for this layer). What is
+        all or nothing is the layout (values and its index buffers, which only
+        make sense together). torch passes strict=True to every module here
+        whatever the caller asked, and reports missing or unexpected keys
+        (a missing bias) only after loading the rest, as for any module.
         """
         saved = state_dict.get(prefix + "_extra_state")
         if isinstance(saved, Mapping):
@@ -422,14 +426,15 @@ class SparseLinear(nn.Module):
                 return "the saved layer does not match this module: " + ", ".join(diff), None
         layout = ("values", *INDEX_BUFFERS[self.pattern])
         present = [name for name in layout if prefix + name in state_dict]
-        if not present:
-            return None, None  # this layer is not in the state: load_state_dict reports the missing keys
         missing = [name for name in layout if name not in present]
-        if missing:
+        if present and missing:
             return (
                 f"the saved {self.pattern!r} layout is incomplete: it has {present} but not {missing}; "
                 f"values and {list(INDEX_BUFFERS[self.pattern])} load together or not at all"
             ), None
+        if not present:
+            # The layer is not in the state (strict=False loads the rest; strict=True reports the missing keys).
+            return None, None
         tensors = {name: state_dict[prefix + name] for name in layout}
         if self.bias is not None and prefix + "bias" in state_dict:
             tensors["bias"] = state_dict[prefix + "bias"]
