@@ -11,11 +11,36 @@ DEPS_STAMP := $(VENV)/.lotus-deps
 EXT_STAMP := $(VENV)/.lotus-ext
 EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
 
-.PHONY: test demo install pytest ctest bench bench-gpu gpu-check info clean
+.PHONY: test sanitize demo install pytest ctest bench bench-gpu gpu-check info clean
 
 test: install ctest
 	$(PY) -m pytest tests/
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# ASan + UBSan (issue #16): the compaction ops' tests and the fuzz module against an
+# instrumented copy of the extension (CPU ops, LOTUS_SANITIZE=1), built apart in
+# $(SAN_DIR) with a copy of the package, so the normal build is untouched; pytest runs
+# from there so that the copy is the one imported. The ASan runtime must be preloaded
+# first and libstdc++ right after it (otherwise ASan's __cxa_throw interceptor finds no
+# real function and aborts at the first C++ exception). --capture=sys lets a report
+# reach the log before the process stops.
+SAN_DIR ?= build/sanitize
+SAN_TESTS := tests/test_mask_compaction.py tests/test_fuzz.py
+SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:alloc_dealloc_mismatch=0 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+
+sanitize: $(EXT_STAMP)
+	rm -rf $(SAN_DIR)/lotus_kernels
+	mkdir -p $(SAN_DIR)
+	cp -r lotus_kernels $(SAN_DIR)/
+	rm -f $(SAN_DIR)/lotus_kernels/_C*.so
+	find $(SAN_DIR)/lotus_kernels -name __pycache__ -prune -exec rm -rf {} +
+	LOTUS_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp $(SAN_DIR)/tmp
+	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -c "from lotus_kernels import _extension as e; \
+		p = e.build_info().get('path', ''); assert p.startswith('$(abspath $(SAN_DIR))'), f'not the sanitized build: {p}'"
+	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) \
+		--capture=sys -q $(addprefix $(CURDIR)/,$(SAN_TESTS))
 
 # The kernels' table, then the LOTUS method end to end on the embedded
 # synthetic data (about a minute on a 2-core CPU); prints the report.

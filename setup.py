@@ -6,6 +6,9 @@ must still produce the CUDA kernels.
 
 Environment:
   LOTUS_CPU_ONLY=1        build the CPU ops alone
+  LOTUS_SANITIZE=1        CPU ops alone, with AddressSanitizer + UndefinedBehaviorSanitizer
+                          (-O1 -g; `make sanitize` builds this into build/sanitize and runs
+                          the compaction tests and the fuzz module against it)
   FORCE_CUDA=1            compile CUDA even if no toolkit was detected (fails loudly without one)
   CUDA_HOME               the toolkit; when unset, the one owning `nvcc` on PATH, or /usr/local/cuda
   TORCH_CUDA_ARCH_LIST    arches to compile for; default "8.0;9.0" (A100, H100/H200)
@@ -71,6 +74,9 @@ def _cap_compile_jobs():
 
 
 def _extensions():
+    if _flag("LOTUS_SANITIZE"):
+        # The sanitizers instrument host code; the CUDA kernels stay out (a separate build).
+        os.environ["LOTUS_CPU_ONLY"] = "1"
     cuda_home = None if _flag("LOTUS_CPU_ONLY") else _find_cuda_home()
     if cuda_home:
         # Must be set before torch.utils.cpp_extension is imported: it reads
@@ -84,7 +90,9 @@ def _extensions():
         and torch.version.cuda is not None
         and (cuda_home is not None or _flag("FORCE_CUDA"))
     )
-    if _flag("LOTUS_CPU_ONLY"):
+    if _flag("LOTUS_SANITIZE"):
+        why = "LOTUS_SANITIZE=1 (ASan + UBSan)"
+    elif _flag("LOTUS_CPU_ONLY"):
         why = "LOTUS_CPU_ONLY=1"
     elif torch.version.cuda is None:
         why = f"torch {torch.__version__} was built without CUDA"
@@ -109,6 +117,12 @@ def _extensions():
     # No -std flag: cpp_extension picks the standard its torch headers need
     # (C++17 for torch 2.11, C++20 for newer releases).
     cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    if _flag("LOTUS_SANITIZE"):
+        # Every report is fatal (no recovery), so a test run fails on the first one.
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        cxx_flags = ["-O1", "-g", "-fopenmp", *sanitize]
+        link_flags = ["-fopenmp", *sanitize]
     if not with_cuda:
         return [
             CppExtension(
@@ -116,7 +130,7 @@ def _extensions():
                 sources,
                 define_macros=macros,
                 extra_compile_args={"cxx": cxx_flags},
-                extra_link_args=["-fopenmp"],
+                extra_link_args=link_flags,
                 include_dirs=[os.path.join(ROOT, "csrc")],
             )
         ]
