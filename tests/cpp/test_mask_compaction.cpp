@@ -141,6 +141,44 @@ void test_bsr_transpose_rejects_bad_structure() {
   EXPECT(raised);
 }
 
+void test_bsr_transpose_rejects_duplicate_column_and_huge_shape() {
+  // Block row 0 lists column 1 twice.
+  auto crow = at::tensor({0, 2, 3}, at::kLong);
+  auto col = at::tensor({1, 1, 0}, at::kLong);
+  auto values = at::randn({3, 4, 4});
+  bool duplicate = false;
+  try {
+    bsr_transpose_op().call(crow, col, values, 8, 8);
+  } catch (const c10::ValueError& e) {
+    duplicate = std::string(e.what()).find("twice in block row 0") != std::string::npos;
+  }
+  EXPECT(duplicate);
+  // rows = 2^63 - 1 with 1x1 blocks: br + 1 overflowed before.
+  bool huge = false;
+  try {
+    bsr_transpose_op().call(at::zeros({2}, at::kLong), at::zeros({0}, at::kLong), at::zeros({0, 1, 1}),
+                            INT64_MAX, 1);
+  } catch (const c10::ValueError& e) {
+    huge = std::string(e.what()).find("at most") != std::string::npos;
+  }
+  EXPECT(huge);
+}
+
+void test_masks_are_read_as_bytes() {
+  // Bytes 2 and 255 viewed as bool: true, exactly like 1 (loading them as bool is UB).
+  auto raw = at::tensor({1, 2, 0, 255, 0, 0, 7, 0}, at::kByte).reshape({2, 4});
+  auto weird = raw.view(at::kBool);
+  auto clean = raw.ne(0);
+  auto [idx_w, cnt_w] = keep_indices_op().call(weird);
+  auto [idx_c, cnt_c] = keep_indices_op().call(clean);
+  EXPECT(same(idx_w, idx_c) && same(cnt_w, cnt_c));
+  auto weight = at::randn({8, 16}) + 3.0;
+  auto bsr_w = dense_to_bsr_op().call(weight, weird, 4, 4);
+  auto bsr_c = dense_to_bsr_op().call(weight, clean, 4, 4);
+  EXPECT(same(std::get<0>(bsr_w), std::get<0>(bsr_c)) && same(std::get<1>(bsr_w), std::get<1>(bsr_c)) &&
+         same(std::get<2>(bsr_w), std::get<2>(bsr_c)));
+}
+
 void test_2to4_round_trip_and_layout() {
   // One row, 12 columns (3 groups, one partial metadata word):
   // group 0 keeps slots 1,3; group 1 keeps only slot 2 (padded with slot 0);
@@ -203,6 +241,9 @@ int main() {
   run("dense_to_bsr equals to_sparse_bsr", test_dense_to_bsr_matches_torch);
   run("bsr_transpose equals to_sparse_bsr of W^T", test_bsr_transpose_matches_torch);
   run("bsr_transpose rejects a bad triple", test_bsr_transpose_rejects_bad_structure);
+  run("bsr_transpose rejects a duplicate column and a huge shape",
+      test_bsr_transpose_rejects_duplicate_column_and_huge_shape);
+  run("masks are read as bytes", test_masks_are_read_as_bytes);
   run("2:4 round trip and metadata layout", test_2to4_round_trip_and_layout);
   run("2:4 rejects a group with 3 nonzeros", test_2to4_rejects_three_nonzeros);
   if (torch::cuda::is_available()) {
