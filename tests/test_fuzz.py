@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from conftest import triton_device
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_mask_compaction import assert_same
 
 from lotus_kernels import SparseLinear, masks, ops
 from lotus_kernels.mask_compaction import (
@@ -99,16 +100,6 @@ def assert_refused(call):
     kind, got = outcome(call)
     assert kind == "error", f"invalid input accepted, returned {got!r}"
     assert str(got), "an error must say what is wrong"
-
-
-def assert_same(a, b):
-    if isinstance(a, (tuple, list)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-        return
-    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
-    assert torch.equal(a.cpu(), b.cpu())
 
 
 def byte_mask(seed: int, shape, weird: bool, density: float = 0.5) -> torch.Tensor:
