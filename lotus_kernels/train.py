@@ -52,6 +52,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import random
 import shutil
 import time
@@ -837,12 +838,18 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a folder; give a checkpoint file such as {str(path / 'checkpoints' / 'last.pt')!r}")
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError for refused globals; other errors for corrupt files
-        raise ValueError(f"could not load checkpoint {str(path)!r} ({type(e).__name__}: {e}). {CONVERT_HINT}") from e
+    except pickle.UnpicklingError as e:  # weights_only refused an object: say how to convert, never unpickle
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"could not load checkpoint {str(path)!r} ({first}). {CONVERT_HINT}") from e
+    except Exception as e:  # a truncated or corrupt file, or not a torch file at all
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{str(path)!r} is not a readable checkpoint: corrupt, cut short or not a torch file ({type(e).__name__}: {first})") from e
     if not _is_our_checkpoint(ckpt):
         raise ValueError(f"{str(path)!r} is not a lotus_kernels.train checkpoint")
     if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
@@ -1138,7 +1145,7 @@ def train(
     saved = None
     if resume:
         if not last_path.is_file():
-            raise ValueError(f"resume=True but there is no checkpoint at {last_path}")
+            raise ValueError(f"resume=True (--resume) but there is no checkpoint at {last_path}")
         saved = load_checkpoint(last_path)
         _check_checkpoint_keys(saved, last_path, RESUME_KEYS)
         diff = _config_diff(saved["config"], config)
@@ -1153,7 +1160,10 @@ def train(
                 "pass a model built the same way to resume it"
             )
     elif last_path.exists() and not overwrite:
-        raise ValueError(f"{out_dir} already holds a run ({last_path}); pass resume=True, overwrite=True or another out_dir")
+        raise ValueError(
+            f"{out_dir} already holds a run ({last_path}); pass resume=True (lotus: --resume) to continue it, "
+            "overwrite=True (--overwrite) to start afresh, or another out_dir"
+        )
 
     # ------------------------------------------------------- distributed
     info = _distributed_from_env()

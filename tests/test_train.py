@@ -798,3 +798,15 @@ def test_reconcile_best_after_a_crash_anywhere(tmp_path):
     _reconcile_best({"epoch": 4, "best": {"epoch": None}}, last, best, pending)
     with pytest.warns(UserWarning, match="does not hold epoch 2"):
         _reconcile_best({"epoch": 4, "best": {"epoch": 2}}, last, best, pending)
+
+
+def test_a_folder_or_a_corrupt_file_given_as_a_checkpoint_says_so(tmp_path):
+    from lotus_kernels.train import load_checkpoint
+
+    with pytest.raises(ValueError, match=r"is a folder; give a checkpoint file such as .*checkpoints/last.pt"):
+        load_checkpoint(tmp_path)
+    corrupt = tmp_path / "last.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match=r"is not a readable checkpoint: corrupt, cut short or not a torch file") as error:
+        load_checkpoint(corrupt)
+    assert "convert" not in str(error.value)  # nothing to convert: the file is broken
