@@ -323,7 +323,7 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print, *, resume: bool = F
     from .info import environment
 
     summary: dict = {
-        "dataset": base.dataset, "model": base.model, "keep_ratio": config.keep_ratio, "rows": [],
+        "dataset": base.dataset, "model": base.model, "keep_ratio": config.keep_ratio, "rows": [], "test_images": len(test_set),
         "environment": environment(engine._resolve_device(base.device, None)),
         "config": config.to_dict(),
     }
@@ -434,9 +434,13 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print, *, resume: bool = F
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
     summary.update(
         essential_sparsity={"knee": es.knee, "dense_accuracy": es.dense_accuracy, "curve": dict(zip(es.sparsities, es.accuracies))},
-        instant_soup={"rounds": isp_record["rounds"], "final_sparsity": isp_record["final_sparsity"]},
-        export=str(exported), export_bytes=exported.stat().st_size, timing=timing,
+        instant_soup={
+            "rounds": isp_record["rounds"], "final_sparsity": isp_record["final_sparsity"],
+            "start_sparsity": (isp_record.get("history") or [{}])[0].get("sparsity", 0.0),
+        },
+        export=str(exported), export_bytes=exported.stat().st_size, export_pattern=pattern, timing=timing,
         sparsity=str(sparsity_summary(model)),
+        prunable_bytes={"dense": sparsity_summary(model).dense_bytes, "compact": sparsity_summary(model).compact_bytes},
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     write_pipeline_report(out, config, summary, histories)
@@ -450,16 +454,46 @@ def _points(fraction: float) -> str:
     return f"{value:g} point" + ("" if value == 1 else "s")
 
 
+def _at_a_glance(summary: dict, finetune_epochs: int) -> list[str]:
+    """One line per question the run answers, as differences in points on the test split."""
+    rows = {r["stage"]: r for r in summary["rows"]}
+    lines = []
+
+    def diff(a, b):
+        return f"{100 * (a - b):+.1f} points"
+
+    tickets, control, dense = rows.get("tickets"), rows.get("random patches (control)"), rows.get("dense")
+    if tickets and control:
+        lines.append(
+            f"- Tickets vs random patches of the same count (the control): {diff(tickets['acc_tickets'], control['acc_tickets'])} "
+            f"on each one's kept patches, {diff(tickets['acc_all_patches'], control['acc_all_patches'])} on all patches."
+        )
+    for r in summary["rows"]:
+        if r["stage"].startswith("tickets + ") and tickets and dense:
+            lines.append(
+                f"- {r['stage']} ({r['sparsity']:.0%} of the prunable weights, then {finetune_epochs} more epochs on tickets): "
+                f"{diff(r['acc_tickets'], tickets['acc_tickets'])} vs the unpruned ticket student on its kept patches, "
+                f"{diff(r['acc_all_patches'], dense['acc_all_patches'])} vs dense on all patches."
+            )
+    if lines:
+        n = summary.get("test_images")
+        lines.append(
+            f"- One seed{f', {n} test images (one image = {100 / n:.2f} points)' if n else ''}: differences of a point or two are within noise."
+        )
+    return lines
+
+
 def write_pipeline_report(out: Path, config: PipelineConfig, summary: dict, histories: dict) -> Path:
     """report.md and accuracy_per_epoch.png. histories: {stage name: (per-epoch history, epochs before the stage)}.
 
     Every accuracy is a percentage that names its split; differences are in points.
     """
-    title = f"LOTUS pipeline: {summary['model']} on {summary['dataset']}" + (" (synthetic data)" if summary["dataset"] == "synthetic" else "")
+    data = "synthetic data" if summary["dataset"] == "synthetic" else summary["dataset"]
+    title = f"LOTUS pipeline: {summary['model']} on {data}"
     stages = [(name, history, start) for name, (history, start) in histories.items()]
     dense_epochs = len(histories["dense"][0])
     ticket_epochs = len(histories["tickets"][0])
-    plot_stage_accuracy(stages, out / "accuracy_per_epoch.png", title, markers=[(dense_epochs + ticket_epochs + 0.5, "Instant Soup Pruning")])
+    plot_stage_accuracy(stages, out / "accuracy_per_epoch.png", title, markers=[(dense_epochs + ticket_epochs + 0.5, "pruning")])
     split = summary.get("decision_split", "val")
     rows = ["| stage | sparsity | test accuracy, all patches | test accuracy, on its kept patches | note |", "|---|---|---|---|---|"]
     for r in summary["rows"]:
@@ -468,36 +502,54 @@ def write_pipeline_report(out: Path, config: PipelineConfig, summary: dict, hist
             f"| {r['stage']} | {r['sparsity']:.1%} | {r['acc_all_patches']:.2%} | {'' if tickets is None else f'{tickets:.2%}'} | {r['note']} |"
         )
     es = summary["essential_sparsity"]
-    curve = [f"| sparsity | {split} accuracy, one-shot, no fine-tuning |", "|---|---|"] + [f"| {s:.0%} | {a:.2%} |" for s, a in es["curve"].items()]
+    curve = [f"| sparsity | {split} accuracy, one-shot, no fine-tuning |", "|---|---|"] + [f"| {float(s):.0%} | {a:.2%} |" for s, a in es["curve"].items()]
     t = summary["timing"]
+    isp = summary["instant_soup"]
     test_note = (
         f"**The knee and the Instant Soup rounds were chosen on the test split** (no validation split: "
         f"`train.holdout=0`), so the test accuracies above are optimistic; set `train.holdout` for an honest run."
         if split == "test" else
         f"Decisions (the knee, Instant Soup's rounds) are measured on the validation split carved from the training set "
-        f"({config.train_config.holdout} images); the Results table is on the test split."
+        f"({config.train_config.holdout} images, not trained on); the Results table is on the test split."
     )
+    start = isp.get("start_sparsity", 0.0)
+    isp_start = (
+        f"it starts from the knee's one-shot mask ({start:.0%})" if start > 0
+        else f"it starts unpruned (the knee, {es['knee']:.0%}, is not below the target)"
+    )
+    bytes_ = summary.get("prunable_bytes")
+    size = f" The prunable layers take {bytes_['compact'] / 1e3:.0f} KB compact instead of {bytes_['dense'] / 1e3:.0f} KB dense." if bytes_ else ""
     parts = [
         f"# {title}",
-        f"Keep ratio {config.keep_ratio} (tickets: top CLS-attention patches of the dense model, {config.ticket_mode} mode), target sparsity "
-        f"{config.target_sparsity:.0%}, patterns {list(config.patterns)}. Accuracies are top-1 percentages on the split "
-        "each table or axis names; differences are in points.",
+        f"Keep ratio {config.keep_ratio}: a student trains on that fraction of each image's patches, its tickets (the dense "
+        f"model's top CLS-attention patches, picked on every batch in {config.ticket_mode} mode); the control trains on random "
+        f"patches of the same count. Target sparsity {config.target_sparsity:.0%}, patterns {list(config.patterns)}. "
+        "Accuracies are top-1 percentages on the split each table or axis names; differences are in points. "
+        "\"On its kept patches\": the ticket student (and each pruned model) on its tickets, the control on random patches.",
+        "## At a glance", "\n".join(_at_a_glance(summary, config.finetune_epochs)),
         "## Results", "\n".join(rows),
-        "Each curve continues the model it starts from: tickets and the random control fine-tune the dense model; the "
-        "pattern fine-tunes continue the ticket student after pruning.",
+        "Each curve continues the model it starts from: tickets and the random control both fine-tune the dense model "
+        "(alternatives, drawn over the same epochs); the pattern fine-tunes continue the ticket student after pruning.",
         "![test accuracy per epoch](accuracy_per_epoch.png)",
         "## Essential Sparsity", test_note,
         f"Knee: {es['knee']:.0%}, the largest swept sparsity whose {split} accuracy is at most {_points(config.es_max_drop)} "
-        f"below the dense model's {es['dense_accuracy']:.2%} ({split}).",
+        f"below the dense model's {es['dense_accuracy']:.2%} ({split}); the rule takes the largest such sparsity, so a "
+        "noisy curve may dip below the line at a smaller one.",
         "\n".join(curve), "![accuracy vs sparsity](essential_sparsity.png)",
         "## Instant Soup Pruning",
-        f"The ticket student (evaluated on all patches, {split} split) pruned from the knee in "
-        f"{summary['instant_soup']['rounds']} rounds to a final sparsity of {summary['instant_soup']['final_sparsity']:.2%}.",
+        f"Instant Soup Pruning of the ticket student (accuracies on all patches, {split} split; round 0 is before any "
+        f"pruning): {isp_start}; {isp['rounds']} voting rounds, then one global-magnitude prune to exactly "
+        f"{isp['final_sparsity']:.2%} (the star).",
         "![ISP rounds](instant_soup.png)",
         "## Export and timing",
-        f"`{Path(summary['export']).name}`: {summary['export_bytes'] / 1e6:.2f} MB.",
-        f"Forward of a batch of {t['batch']} on {t['device']}: dense {t['dense_s'] * 1e3:.1f} ms, sparse {t['sparse_s'] * 1e3:.1f} ms, "
-        f"sparse on tickets {t['sparse_on_tickets_s'] * 1e3:.1f} ms ({t['note']}).",
+        f"`{Path(summary['export']).name}` (the {summary.get('export_pattern', config.patterns[0])} model): "
+        f"{summary['export_bytes'] / 1e6:.2f} MB.{size}",
+        f"Forward of a batch of {t['batch']} on {t['device']} (the {summary.get('export_pattern', config.patterns[0])} model): "
+        f"dense {t['dense_s'] * 1e3:.1f} ms, sparse {t['sparse_s'] * 1e3:.1f} ms, sparse on tickets {t['sparse_on_tickets_s'] * 1e3:.1f} ms "
+        f"({t['note']})."
+        + (" On a CPU the sparse layers run the dense backend and patch dropping the gather + SDPA path, so no speedup is "
+           "expected here and a shared machine makes these timings noisy; GPU speed is what `lotus gpu-check` measures."
+           if t["device"] == "cpu" else ""),
         "```\n" + summary["sparsity"] + "\n```",
         "## Per-stage metrics",
     ]

@@ -106,16 +106,19 @@ def plot_stage_accuracy(
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    color = None
+    color, marker = None, None
+    shapes = iter("osD^vP<>*X" * 4)  # one per stage: alternatives over the same epochs stay tellable apart where they touch
     for label, points, on_tickets in stage_series(stages, split):
-        if on_tickets:  # same stage as the line before it: same color, dashed
-            ax.plot(*zip(*points), marker="x", markersize=4, linestyle="--", color=color, label=label)
+        if on_tickets:  # same stage as the line before it: same color and marker, dashed, hollow
+            ax.plot(*zip(*points), marker=marker, markersize=5, linestyle="--", color=color, markerfacecolor="none", label=label)
         else:
-            (line,) = ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+            marker = next(shapes)
+            (line,) = ax.plot(*zip(*points), marker=marker, markersize=4, label=label)
             color = line.get_color()
     for x, label in markers:
         ax.axvline(x, color="gray", linestyle=":", linewidth=1)
-        ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8, color="gray")
+        # At the foot of the line, where curves rarely are (accuracy rises from the bottom left).
+        ax.annotate(label, (x, 0.02), xycoords=("data", "axes fraction"), rotation=90, va="bottom", ha="right", fontsize=8, color="gray")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{split} accuracy (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -27,7 +27,8 @@ def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
     for name in ("report.md", "accuracy_per_epoch.png", "essential_sparsity.png", "instant_soup.png", "model.safetensors", "timing.json", "summary.json"):
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "report.md").read_text()
-    assert "(synthetic data)" in report and "## Essential Sparsity" in report and "tickets + 2:4 pruning" in report
+    assert report.startswith("# LOTUS pipeline: vit_micro_cifar on synthetic data\n") and "## Essential Sparsity" in report
+    assert "tickets + 2:4 pruning" in report and "## At a glance" in report and "Tickets vs random patches of the same count" in report
     # One unit (%), every accuracy names its split, differences in points; decisions on the validation split.
     assert "| stage | sparsity | test accuracy, all patches | test accuracy, on its kept patches | note |" in report
     dense = summary["rows"][0]["acc_all_patches"]
