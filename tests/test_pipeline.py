@@ -34,7 +34,7 @@ def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
     dense = summary["rows"][0]["acc_all_patches"]
     assert f"| dense | 0.0% | {dense:.2%} |" in report and f"{dense:.4f}" not in report
     assert "| sparsity | val accuracy, one-shot, no fine-tuning |" in report and "at most 1 point below the dense model's" in report
-    assert "measured on the validation split carved from the training set (128 images)" in report and summary["decision_split"] == "val"
+    assert "measured on the validation split carved from the training set (128 images, not trained on)" in report and summary["decision_split"] == "val"
     # The export is compact and loads back into a model with SparseLinear layers of exactly the target sparsity.
     model = load_exported(tmp_path / "model.safetensors")
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
