@@ -279,6 +279,7 @@ def _ablate(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"ablation-{config.train_config.model}-{config.train_config.dataset}"
     summary = run_ablation(config, out, from_run=args.from_run, variants=variants)
     print((out / "report.md").read_text())
+    print(f"lotus ablate: results in {out} (report.md, ablation.json)", file=sys.stderr)
     return 0 if summary["rows"] else 1
 
 

@@ -200,6 +200,15 @@ def test_cli_prune_finetune_online_eval_export(dense, tmp_path, capsys):
         model = load_exported(exported)
         assert isinstance(model.blocks[0].mlp.fc1, SparseLinear) and model.blocks[0].mlp.fc1.pattern == "2:4"
         torch.testing.assert_close(model(x), engine.model_from_checkpoint(checkpoint)(x))
+        # lotus eval takes the export too, and gives the checkpoint's accuracy.
+        capsys.readouterr()
+        assert cli.main(["eval", "--checkpoint", str(exported), "--split", "val"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == DENSE["holdout"]
+    # Simple mistakes end in one line, not a traceback.
+    for out, says in ((tmp_path / "nowhere" / "m.safetensors", "does not exist"), (tmp_path, "is a folder")):
+        assert cli.main(["export", "--checkpoint", str(pruned / "pruned.pt"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lotus export: error: ") and says in err and err.count("\n") == 1, err
 
 
 def _no_work(monkeypatch):
