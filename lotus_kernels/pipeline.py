@@ -471,7 +471,8 @@ def _at_a_glance(summary: dict, finetune_epochs: int) -> list[str]:
     for r in summary["rows"]:
         if r["stage"].startswith("tickets + ") and tickets and dense:
             lines.append(
-                f"- {r['stage']} ({r['sparsity']:.0%} of the prunable weights, then {finetune_epochs} more epochs on tickets): "
+                f"- {r['stage']} ({r['sparsity']:.0%} of the prunable weights, then {finetune_epochs} more epochs on tickets, "
+                "which the unpruned student did not get): "
                 f"{diff(r['acc_tickets'], tickets['acc_tickets'])} vs the unpruned ticket student on its kept patches, "
                 f"{diff(r['acc_all_patches'], dense['acc_all_patches'])} vs dense on all patches."
             )
@@ -528,6 +529,9 @@ def write_pipeline_report(out: Path, config: PipelineConfig, summary: dict, hist
         "\"On its kept patches\": the ticket student (and each pruned model) on its tickets, the control on random patches.",
         "## At a glance", "\n".join(_at_a_glance(summary, config.finetune_epochs)),
         "## Results", "\n".join(rows),
+        "Pruned models hold Instant Soup's global mask (per-layer densities vary around the target), as it is for "
+        "\"unstructured\" or projected per layer for \"2:4\" (the two largest of every four weights) and \"block\", "
+        "then fine-tune on tickets with the mask held.",
         "Each curve continues the model it starts from: tickets and the random control both fine-tune the dense model "
         "(alternatives, drawn over the same epochs); the pattern fine-tunes continue the ticket student after pruning.",
         "![test accuracy per epoch](accuracy_per_epoch.png)",
