@@ -90,6 +90,7 @@ __all__ = [
     "TIMING_KEYS",
     "fast_recipe",
     "quick_recipe",
+    "make_train_step",
 ]
 
 # ---------------------------------------------------------------------------
@@ -1374,9 +1375,8 @@ def train(
     amp_dtype = _amp_dtype(config.amp, device)
     if amp_dtype == torch.float16 and device.type == "cpu":
         warnings.warn("amp='fp16' on CPU is slow and rarely useful; 'bf16' or 'none' are the usual CPU choices", stacklevel=2)
-    compiled = _resolve_compile(config.compile, device)
-    # What TrainStep and evaluate get: "auto" keeps its fallback to eager on CUDA and means off on a CPU.
-    compile_arg = config.compile if compiled else False
+    # What evaluate gets ("auto" keeps its fallback to eager on CUDA and means off on a CPU).
+    compile_arg = config.compile if _resolve_compile(config.compile, device) else False
     _init_distributed(info, device)
     is_main = info.is_main
 
@@ -1437,9 +1437,7 @@ def train(
     model.to(device)
     model.train()
 
-    # The eager CPU path keeps the for-loop AdamW, so CPU runs stay bit for bit what they were; the
-    # compiled path and CUDA use the fused kernel (one call for all parameters, no per-parameter ops).
-    optimizer = _adamw(model, config, fused=device.type == "cuda" or compiled)
+    optimizer = _adamw(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     dynamic = None
     if config.dynamic_2to4_every:
@@ -1451,20 +1449,9 @@ def train(
             grad_scaler=scaler if scaler.is_enabled() else None,
         )
     ema = WeightEMA(model, config.ema) if config.ema else None
-    step_fn = TrainStep(
-        model,
-        optimizer,
-        schedule=functools.partial(lr_at_step, lr=config.lr, min_lr=config.min_lr, warmup_steps=warmup_steps, total_steps=total_steps),
-        label_smoothing=config.label_smoothing,
-        grad_clip=config.grad_clip,
-        amp_dtype=amp_dtype,
-        scaler=scaler,
-        token_hook=token_hook,
-        padding=loader.padding,
-        distributed=info.active,
-        compile=compile_arg,
-        compile_mode=config.compile_mode,
-        ema=ema,
+    step_fn = _train_step(
+        config, model, optimizer, scaler, ema, device=device, warmup_steps=warmup_steps, total_steps=total_steps,
+        token_hook=token_hook, padding=loader.padding, distributed=info.active,
     )
     eval_kwargs = dict(
         device=device, amp=config.amp, token_hook=eval_token_hook, distributed=info.active, compile=compile_arg,
@@ -1660,12 +1647,57 @@ def train(
     return TrainResult(out_dir=out_dir, history=history, final_checkpoint=last_path, model=model, extra=extra)
 
 
-def _adamw(model: nn.Module, config: TrainConfig, *, fused: bool) -> torch.optim.Optimizer:
-    """AdamW over ``param_groups`` (betas 0.9, 0.999); fused (one kernel for every parameter) when asked and possible."""
+def _adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups`` (betas 0.9, 0.999), fused (one kernel for all parameters) on CUDA and
+    on the compiled CPU path. The eager CPU path keeps the for-loop AdamW, so eager CPU runs stay bit
+    for bit what they were before the fused kernel was used."""
     groups = param_groups(model, config.weight_decay)
     params = [p for g in groups for p in g["params"]]
+    fused = device.type == "cuda" or _resolve_compile(config.compile, device)
     fused = fused and all(p.is_floating_point() and p.device.type in _fused_adamw_devices() for p in params)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
+
+
+def _train_step(config, model, optimizer, scaler, ema, *, device, warmup_steps, total_steps, token_hook=None, padding=4, distributed=False) -> TrainStep:
+    """The TrainStep of a run of ``config`` (what ``train`` and ``make_train_step`` build)."""
+    compile_arg = config.compile if _resolve_compile(config.compile, device) else False
+    return TrainStep(
+        model,
+        optimizer,
+        schedule=functools.partial(lr_at_step, lr=config.lr, min_lr=config.min_lr, warmup_steps=warmup_steps, total_steps=total_steps),
+        label_smoothing=config.label_smoothing,
+        grad_clip=config.grad_clip,
+        amp_dtype=_amp_dtype(config.amp, device),
+        scaler=scaler,
+        token_hook=token_hook,
+        padding=padding,
+        distributed=distributed,
+        compile=compile_arg,
+        compile_mode=config.compile_mode,
+        ema=ema,
+    )
+
+
+def make_train_step(config: TrainConfig, model: nn.Module, *, total_steps: int = 1000) -> TrainStep:
+    """The train step ``train`` would run for ``config`` on ``model``: the same AdamW (fused or not),
+    GradScaler, EMA, compile settings and learning-rate schedule, for a run of ``total_steps`` steps
+    over config.epochs epochs. The model is moved to the config's device in train mode. For benchmarks
+    and callers that bring their own batches (``step(i, x, targets, labels)``); ``train`` is the loop.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    device = _resolve_device(config.device, None)
+    model.to(device).train()
+    optimizer = _adamw(model, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(config.amp, device) == torch.float16)
+    ema = WeightEMA(model, config.ema) if config.ema else None
+    steps_per_epoch = max(1, total_steps // config.epochs)
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+    return _train_step(config, model, optimizer, scaler, ema, device=device, warmup_steps=warmup_steps, total_steps=total_steps)
 
 
 def _fused_adamw_devices() -> tuple[str, ...]:
