@@ -1143,9 +1143,21 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 
 def _config_diff(saved: Mapping, config: TrainConfig) -> list[str]:
+    """Config keys that differ between a saved run and ``config`` (epochs and display aside).
+
+    A field the saved config lacks (a run saved before the field existed) counts as its old
+    behaviour: equal when ``config`` leaves it at the value that reproduces that behaviour.
+    """
     mine = config.to_dict()
     keys = sorted(set(saved) | set(mine))
-    return [k for k in keys if k not in _RESUMABLE_CHANGES and saved.get(k, "<missing>") != mine.get(k, "<missing>")]
+    return [
+        k for k in keys
+        if k not in _RESUMABLE_CHANGES and saved.get(k, _BEFORE_FIELD.get(k, "<missing>")) != mine.get(k, "<missing>")
+    ]
+
+
+# What a field added later amounts to in a run saved before it existed ("compile" was a bool, default False).
+_BEFORE_FIELD = {"compile_mode": "default", "ema": 0.0, "tta_flip": False, "dynamic_2to4_every": 0, "dynamic_2to4_lr_scale": 1.0}
 
 
 class _LossDisplay:

@@ -266,3 +266,34 @@ def test_the_progress_loss_is_read_at_most_once_per_interval(monkeypatch):
     display = engine._LossDisplay(torch.device("cpu"), every_s=10.0)
     assert display.offer(torch.tensor(1.5)) == 1.5
     assert display.offer(torch.tensor(2.5)) is None  # within the interval: not read
+
+
+def test_runs_saved_before_the_new_fields_still_resume(tmp_path):
+    config = tiny(epochs=1)
+    train(config, tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    for key in ("compile_mode", "ema", "tta_flip"):
+        del ckpt["config"][key]  # what a checkpoint of the engine before issue 17 holds
+    ckpt["config"]["compile"] = False
+    del ckpt["ema"], ckpt["data"]
+    torch.save(ckpt, last)
+    with pytest.raises(ValueError, match="compile: saved False vs now 'auto'"):
+        train(dataclasses.replace(config, epochs=2), tmp_path, resume=True)
+    resumed = train(dataclasses.replace(config, epochs=2, compile=False), tmp_path, resume=True)
+    assert [m["epoch"] for m in resumed.history] == [1, 2]
+
+
+def test_make_train_step_is_the_step_train_runs():
+    from lotus_kernels.train import lr_at_step, make_train_step
+
+    config = tiny(lr=2e-3, warmup_epochs=1.0, epochs=4)
+    model = build_model(config, 10)
+    step = make_train_step(config, model, total_steps=40)  # 10 steps an epoch: warmup 10
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    assert step(3, x, y, y).lr == lr_at_step(3, lr=2e-3, min_lr=config.min_lr, warmup_steps=10, total_steps=40)
+    assert not step.compiled and model.training and isinstance(step.optimizer, torch.optim.AdamW)
+    assert not step.optimizer.defaults["fused"]  # eager CPU: the for-loop AdamW, as train runs it
+    assert make_train_step(dataclasses.replace(config, compile=True), build_model(config, 10)).optimizer.defaults["fused"]
+    with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
+        make_train_step(config, model, total_steps=0)
