@@ -4,8 +4,9 @@ single process or DistributedDataParallel, resumable bit for bit.
 ``train(config, out_dir)`` builds a model (a preset from ``PRESETS`` or any
 timm model name) unless one is passed in, trains it with AdamW (weight decay
 on matrices only), a per-step linear-warmup + cosine learning rate, label
-smoothing, optional mixup/cutmix, gradient clipping, AMP and torch.compile,
-and writes into ``out_dir``:
+smoothing, optional mixup/cutmix, gradient clipping, AMP, an optional weight
+EMA and torch.compile of the whole step (``config.compile``, on CUDA by
+default), and writes into ``out_dir``:
 
 - ``config.json``: the config (``TrainConfig.to_dict()``; feed it back to
   ``TrainConfig.from_dict``);
@@ -21,6 +22,12 @@ and writes into ``out_dir``:
 - Every checkpoint loads with ``torch.load(weights_only=True)``, and nothing
   here loads one any other way (unpickling runs code): ``extra_state`` must
   hold tensors, numbers, strings, None and lists/tuples/dicts of them.
+
+Every optimizer step is one ``train_step.TrainStep`` call, and ``train`` is
+the package's only training loop: tickets, fine-tuning, the pipeline's stages
+and Instant Soup's ingredients all call it (``out_dir=None`` trains in
+memory, writing nothing; ``train_data`` / ``subset`` / ``eval_data`` choose
+the data).
 
 Reproducibility: the model is initialised after seeding with ``config.seed``;
 the global RNGs (torch, numpy, python) are reseeded at the start of every
@@ -67,10 +74,9 @@ import torch.nn.functional as F
 
 from .data import DeviceLoader, ImageSet, load_cifar10, resolve_cifar10_source, split_holdout, synthetic_dataset
 from .train_step import COMPILE_MODES, TrainStep, WeightEMA, warn_compile_failed
-from .train_step import module_device as _model_device
 from .train_step import HookedForward as _HookedForward
 from .train_step import autocast as _autocast
-from .train_step import needs_draws as _needs_draws
+from .train_step import module_device as _model_device
 
 __all__ = [
     "PRESETS",
@@ -454,12 +460,6 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
