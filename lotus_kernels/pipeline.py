@@ -226,7 +226,7 @@ def instant_soup_stage(model: nn.Module, config: PipelineConfig, train_set, eval
     initial = one_shot_masks(model, knee) if 0 < knee < config.target_sparsity else None
     isp_train = make_train_fn(
         epochs=config.isp_ingredient_epochs, batch_size=min(base.batch_size, 128), lr=config.isp_lr, amp=base.amp, seed=base.seed,
-        token_hook=token_hook,
+        token_hook=token_hook, compile=base.compile, compile_mode=base.compile_mode,
     )
     return instant_soup_prune(
         model, train_set,

@@ -250,7 +250,8 @@ def prune_checkpoint(
     config = engine.TrainConfig.from_dict({**ckpt["config"], **overrides})
     isp_config = dataclasses.replace(isp_config, seed=config.seed)
     isp_train = make_train_fn(
-        epochs=ingredient_epochs, batch_size=min(config.batch_size, 128), lr=isp_lr, amp=config.amp, seed=config.seed
+        epochs=ingredient_epochs, batch_size=min(config.batch_size, 128), lr=isp_lr, amp=config.amp, seed=config.seed,
+        compile=config.compile, compile_mode=config.compile_mode,
     )
     model = engine.model_from_checkpoint(checkpoint)
     already = [name for name, m in model.named_modules() if isinstance(m, SparseLinear)]

@@ -216,7 +216,7 @@ def test_train_profile_quick_fills_only_what_the_user_left_out(monkeypatch, caps
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert cli.apply_profile("auto", {}) == {}
     with pytest.raises(ValueError, match="--profile must be one of"):
-        cli.apply_profile("fast", {})
+        cli.apply_profile("fastest", {})
 
 
 def test_train_profile_is_recorded_in_the_run_and_not_reapplied_on_resume(tmp_path, capsys):

@@ -112,7 +112,7 @@ def test_config_rejects_unknown_keys_and_bad_values():
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
-        ({"model": "no_such_model"}, ValueError, r"preset \(vit_micro_cifar, vit_small_cifar, vit_tiny_cifar\) or a timm model name"),
+        ({"model": "no_such_model"}, ValueError, r"preset \(vit_lite_cifar, vit_micro_cifar, vit_small_cifar, vit_tiny_cifar\) or a timm"),
         ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
         ({"epochs": 0}, ValueError, "epochs must be >= 1"),
         ({"amp": "fp8"}, ValueError, "amp must be one of"),
@@ -131,6 +131,13 @@ def test_config_rejects_unknown_keys_and_bad_values():
         ({"init_from": 3}, TypeError, "init_from must be a str or None"),
         ({"dynamic_2to4_every": -1}, ValueError, "dynamic_2to4_every must be >= 0"),
         ({"dynamic_2to4_lr_scale": -1.0}, ValueError, "dynamic_2to4_lr_scale must be"),
+        ({"compile": "yes"}, TypeError, "compile must be True, False or 'auto', got str 'yes'"),
+        ({"compile": 1}, TypeError, "compile must be True, False or 'auto'"),
+        ({"compile_mode": "fastest"}, ValueError, "compile_mode must be one of"),
+        ({"ema": 1.0}, ValueError, r"ema must be 0 \(off\) or a decay in \(0, 1\)"),
+        ({"ema": -0.5}, ValueError, "ema must be 0"),
+        ({"ema": 0.99, "dynamic_2to4_every": 10}, ValueError, "ema must be 0 with dynamic_2to4_every"),
+        ({"tta_flip": "yes"}, TypeError, "tta_flip must be a bool"),
     ],
 )
 def test_config_bad_values(overrides, error, message):
@@ -514,8 +521,18 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
 def test_train_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="config must be a TrainConfig"):
         train(TINY, tmp_path)
-    with pytest.raises(TypeError, match="out_dir must be"):
-        train(tiny(), None)
+    with pytest.raises(TypeError, match="out_dir must be a str, os.PathLike or None"):
+        train(tiny(), 3)
+    with pytest.raises(ValueError, match="resume=True needs out_dir"):
+        train(tiny(), None, resume=True)
+    with pytest.raises(TypeError, match="train_data must be an ImageSet"):
+        train(tiny(), None, train_data=[1, 2])
+    with pytest.raises(TypeError, match="subset must be a 1-D sequence or tensor of integer"):
+        train(tiny(), None, subset=torch.ones(4))
+    with pytest.raises(ValueError, match=r"subset positions must lie in \[0, 512\)"):
+        train(tiny(), None, subset=[0, 512])
+    with pytest.raises(ValueError, match="eval_data must map 'test'"):
+        train(tiny(), None, eval_data={"train": None})
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         train(tiny(), tmp_path, model="vit")
     with pytest.raises(TypeError, match="extra_state must be a dict"):

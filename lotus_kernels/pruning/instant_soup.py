@@ -22,8 +22,8 @@ Training is injected: ``train_fn(model, subset, masks) -> None`` trains
 ``model`` in place on the ImageSet ``subset``; the masks are already held on
 the model (``masking.hold_masks_``) when it is called, so a plain
 forward/backward/step loop keeps them. ``make_train_fn`` builds the default
-one from the training engine's pieces (AdamW with ``param_groups``,
-``lr_at_step``, ``DeviceLoader``).
+one: the training engine itself (``train.train`` in memory on the subset,
+its one train step), so ingredients train exactly as every other run does.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..data import DeviceLoader, ImageSet
+from ..data import ImageSet
 from ..masks import check_sparsity, global_score_masks, num_pruned
 from .essential_sparsity import make_eval_fn
 from .masking import (
@@ -342,26 +341,37 @@ def make_train_fn(
     amp: str = "auto",
     seed: int = 0,
     token_hook: Callable | None = None,
+    compile: bool | str = "auto",
+    compile_mode: str = "default",
 ) -> TrainFn:
-    """A ``train_fn(model, subset, masks)`` built on the training engine's pieces.
+    """A ``train_fn(model, subset, masks)`` that trains with the training engine: ``train.train`` in memory.
 
-    AdamW (a fresh optimizer per call, as the reference re-creates it per
-    ingredient; weight decay on matrices only via ``train.param_groups``),
-    ``train.lr_at_step`` warmup + cosine down to ``min_lr`` (default lr, i.e.
-    constant), label smoothing, gradient clipping, AMP as ``TrainConfig.amp``,
-    ``DeviceLoader`` batches (crop + flip if ``augment``) on the model's
-    device. Defaults are the reference's ISP settings (AdamW lr 1e-5, wd 0.1,
-    batch 128). Returns the model in eval mode.
+    Each call is ``train(config, None, model=model, train_data=subset)``: the
+    engine's one train step (``train_step.TrainStep``), a fresh AdamW per call
+    (as the reference re-creates it per ingredient; weight decay on matrices
+    only via ``train.param_groups``), ``train.lr_at_step`` warmup + cosine
+    down to ``min_lr`` (default lr, i.e. constant), label smoothing, gradient
+    clipping, AMP as ``TrainConfig.amp``, crop + flip if ``augment``, on the
+    model's device; nothing is evaluated or written. Batches are
+    min(batch_size, len(subset)) images, the last partial batch of an epoch
+    dropped (the engine's rule: one batch shape). Defaults are the
+    reference's ISP settings (AdamW lr 1e-5, wd 0.1, batch 128). compile,
+    compile_mode: as ``TrainConfig`` (default "auto": compiled on CUDA, where
+    the K ingredients' deep copies reuse one compiled step). Returns the model
+    in eval mode.
+
+    The run's seed is ``seed`` mixed with a draw from torch's global
+    generator, which ``instant_soup_prune`` seeds per (round, ingredient):
+    each ingredient sees its own order, augmentation and drop-path draws,
+    reproducibly.
 
     token_hook(model, x) -> logits, if given, runs each forward instead of
     ``model(x)``: e.g. a ticket student on its tickets
     (``tickets.ticket_hooks``), so the ingredients learn, and then prune, on
     the patches the model will see.
-
-    ``lotus_kernels.train.train`` itself builds its data from its config and
-    cannot take a subset, hence this small loop.
     """
-    from ..train import AMP_MODES, _amp_dtype, _autocast, _model_device, lr_at_step, param_groups
+    from ..train import AMP_MODES, TrainConfig
+    from ..train_step import COMPILE_MODES
 
     _check_int(epochs, "epochs", 1)
     _check_int(batch_size, "batch_size", 1)
@@ -382,35 +392,28 @@ def make_train_fn(
         raise TypeError(f"augment must be a bool, got {type(augment).__name__} {augment!r}")
     if token_hook is not None and not callable(token_hook):
         raise TypeError(f"token_hook must be callable(model, x) -> logits, got {type(token_hook).__name__}")
-    forward = token_hook or (lambda model, x: model(x))
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+    recipe = {
+        "epochs": epochs, "lr": float(lr), "min_lr": float(min_lr), "weight_decay": float(weight_decay),
+        "warmup_epochs": warmup_fraction * epochs, "label_smoothing": float(label_smoothing), "grad_clip": float(grad_clip),
+        "augment": augment, "amp": amp, "compile": compile, "compile_mode": compile_mode,
+        "mixup": 0.0, "cutmix": 0.0, "drop_path": 0.0, "progress": False,
+    }
 
     def train_fn(model: nn.Module, subset: ImageSet, masks: Mapping[str, torch.Tensor]) -> None:
-        device = _model_device(model)
-        amp_dtype = _amp_dtype(amp, device)
-        loader = DeviceLoader(subset, min(batch_size, len(subset)), shuffle=True, augment=augment, seed=seed, device=device)
-        total = epochs * len(loader)
-        warmup = min(round(warmup_fraction * total), total)
-        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        model.train()
-        step = 0
-        for epoch in range(epochs):
-            loader.set_epoch(epoch)
-            for x, y in loader:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at_step(step, lr=lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total)
-                with _autocast(device, amp_dtype):
-                    logits = forward(model, x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-        model.eval()
+        from .. import train as engine
+
+        device = engine._model_device(model)
+        run_seed = _seed("isp-run", seed, int(torch.randint(0, 2**62, (1,)))) % 2**31
+        config = TrainConfig(
+            **recipe, model="vit_micro_cifar", batch_size=min(batch_size, len(subset)), seed=run_seed,
+            device="cpu" if device.type == "cpu" else f"cuda:{device.index or 0}",
+        )
+        # model="vit_micro_cifar" only satisfies the config's check: the model passed in is what trains.
+        engine.train(config, None, model=model, train_data=subset, token_hook=token_hook)
 
     return train_fn
 
