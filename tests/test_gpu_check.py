@@ -188,6 +188,8 @@ def test_summary_reads_targets_speed_cusparselt_and_failures():
         {"group": "cusparselt_config", "name": "searched", "config": "searched", "proven": False, "status": "crashed", "cases": 0, "cases_ok": 0, "last_case": None},
         {"group": "cusparselt_probe", "config": "torch", "name": "t", "dtype": "torch.float16", "rel_err": 3e-4, "torch_rel_err": 2e-4, "ok": True},
     ]
+    cases += [{"group": "cifar10", "name": "fast-100ep", "returncode": "stopped at the step's deadline", "wall_s": 500.0, "startup_s": 40.0,
+               "train_images_per_s": 31000.0, "curve": [{"epoch": 5, "elapsed_s": 80.0, "test_acc": 0.71}, {"epoch": 10, "elapsed_s": 160.0, "test_acc": 0.82}]}]
     tests = [
         {"step": "tests", "nodeid": "tests/test_a.py::test_one", "outcome": "passed"},
         {"step": "tests", "nodeid": "tests/test_a.py::test_two", "outcome": "failed", "message": "E   AssertionError: off by 3"},
@@ -206,6 +208,7 @@ def test_summary_reads_targets_speed_cusparselt_and_failures():
     assert "| vit_b-fc1 | forward | 1 | 1.20x | 1.70x |" in text and "| vit_b-fc2 | forward | 1 | 1.20x | 1.50x |" in text
     assert "| searched | no | crashed | 0/0 |" in text and "| torch | yes | passed | 24/24 |" in text
     assert "| tests | 1 | 1 | 0 | 1 (1) |" in text and "`tests/test_a.py::test_two` (tests): E   AssertionError: off by 3" in text
+    assert "test accuracy against training time: 71.0% at 80 s, 82.0% at 160 s; 31000 training images/s" in text
 
 
 def summary_deadline():

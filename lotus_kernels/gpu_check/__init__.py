@@ -16,7 +16,7 @@ deadline carved from one budget:
     correctness    the fast tier: every op forward and backward, fp16/bf16 awkward shapes, fp32 once
     correctness-cusparselt   the same for cuSPARSELt, apart
     tests          the whole test suite (resumable: --resume skips what passed)
-    cifar10        a short CIFAR-10 training run (when the data is there)
+    cifar10        the fast training profile on CIFAR-10 (when the data is there), up to the step's deadline
 
 Everything lands in one folder of at most eight files (a lease returns
 eight): ``summary.md`` (one page: steps, targets pass / fail / pending,

@@ -179,12 +179,11 @@ def _training(cases: list[dict]) -> list[str]:
     runs = [c for c in cases if c.get("group") == "cifar10"]
     lines = []
     for run in runs:
-        metrics = run.get("metrics") or []
-        speed = [m.get("train_images_per_s") for m in metrics if _num(m.get("train_images_per_s"))]
-        accs = ", ".join(f"{m['test_acc'] * 100:.1f}%" for m in metrics if _num(m.get("test_acc")))
+        curve = ", ".join(f"{p['test_acc'] * 100:.1f}% at {p['elapsed_s']:.0f} s" for p in run.get("curve") or [] if _num(p.get("test_acc")))
+        speed = run.get("train_images_per_s")
         lines.append(
-            f"- {run.get('name')}: exit {run.get('returncode')}, {run.get('wall_s')} s wall; test accuracy by epoch: {accs or '-'}"
-            + (f"; {max(speed):.0f} training images/s" if speed else "")
+            f"- {run.get('name')}: exit {run.get('returncode')}, {run.get('wall_s')} s wall ({run.get('startup_s', '-')} s outside the epochs); "
+            f"test accuracy against training time: {curve or '-'}" + (f"; {speed:.0f} training images/s (median epoch)" if _num(speed) else "")
         )
     return ["", "## CIFAR-10 training", "", *lines] if lines else []
 
