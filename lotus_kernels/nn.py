@@ -88,7 +88,7 @@ def _check_features(value, name: str) -> int:
     return value
 
 
-def _check_layout(pattern: str, in_features: int, out_features: int, block_size: tuple[int, int]) -> None:
+def check_layout(pattern: str, in_features: int, out_features: int, block_size: tuple[int, int]) -> None:
     if pattern == "2:4" and in_features % 4:
         raise ValueError(f"pattern '2:4' needs in_features divisible by 4, got in_features={in_features}")
     if pattern == "block" and (out_features % block_size[0] or in_features % block_size[1]):
@@ -132,7 +132,7 @@ class SparseLinear(nn.Module):
         self.out_features = _check_features(out_features, "out_features")
         self.pattern = _check_pattern(pattern)
         self.block_size = block_shape(block_size)
-        _check_layout(self.pattern, in_features, out_features, self.block_size)
+        check_layout(self.pattern, in_features, out_features, self.block_size)
         self.backend = backends.check_backend_name(backend)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in SUPPORTED_DTYPES:

@@ -51,7 +51,7 @@ from torch import nn
 from . import train as engine
 from .info import environment
 from .masks import PATTERNS, block_shape, check_sparsity
-from .nn import SparseLinear, _check_layout, sparsity_summary
+from .nn import SparseLinear, check_layout, sparsity_summary
 from .pruning import (
     DEFAULT_SPARSITIES,
     InstantSoupConfig,
@@ -262,7 +262,7 @@ def prune_checkpoint(
         )
     for name, w in prunable_weights(model).items():
         try:
-            _check_layout(pattern, w.shape[1], w.shape[0], blocks)
+            check_layout(pattern, w.shape[1], w.shape[0], blocks)
         except ValueError as e:
             raise ValueError(f"layer {name!r} cannot take pattern {pattern!r}: {e}") from None
 
