@@ -25,7 +25,7 @@ test: install ctest
 # real function and aborts at the first C++ exception). --capture=sys lets a report
 # reach the log before the process stops.
 SAN_DIR ?= build/sanitize
-SAN_TESTS := tests/test_mask_compaction.py tests/test_fuzz.py
+SAN_TESTS := tests/ops/test_mask_compaction.py tests/ops/test_fuzz.py
 SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:alloc_dealloc_mismatch=0 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
@@ -45,7 +45,7 @@ sanitize: $(EXT_STAMP)
 # The kernels' table, then the LOTUS method end to end on the embedded
 # synthetic data (about a minute on a 2-core CPU); prints the report.
 demo: install
-	$(PY) -m lotus_kernels.demo
+	$(PY) -m lotus_kernels.recipe.tools.demo
 	$(PY) -m lotus_kernels pipeline --demo --print-report --out runs/demo --overwrite
 
 bench: install

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from conftest import warmed_up
 
 from lotus_kernels import masks, ops
-from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
+from lotus_kernels.kernels.block_sparse_matmul import block_sparse_matmul_ref
 
 CUDA = torch.cuda.is_available()
 FULL = os.environ.get("LOTUS_BENCH_FULL") == "1"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lotus_kernels import masks, ops
-from lotus_kernels.mask_compaction import compress_2to4_ref, dense_to_bsr_ref, keep_indices_ref
+from lotus_kernels.layouts import compress_2to4_ref, dense_to_bsr_ref, keep_indices_ref
 
 
 def weight_shape(device):

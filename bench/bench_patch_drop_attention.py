@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from conftest import warmed_up
 
 from lotus_kernels import ops
-from lotus_kernels.patch_dropping import PatchDropAttention, PatchDropBlock, num_kept, random_patches, with_prefix
+from lotus_kernels.nn.patch_dropping import PatchDropAttention, PatchDropBlock, num_kept, random_patches, with_prefix
 
 CUDA = torch.cuda.is_available()
 FULL = os.environ.get("LOTUS_BENCH_FULL") == "1"

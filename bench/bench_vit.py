@@ -17,7 +17,7 @@ Triton autotune, the "auto" backend choice) and records:
 Variants: dense; 2to4mlp (sparsify_ 2:4 on fc1/fc2 only); block<s>-blk<b>
 (block-sparse, all qkv/proj/fc1/fc2 at sparsity s, b x b blocks);
 block<s>-blk<b>-mlp (the same on fc1/fc2 only); keep<r> (patch dropping at
-the input, random selection, keep ratio r, via lotus_kernels.patch_dropping);
+the input, random selection, keep ratio r, via lotus_kernels.nn.patch_dropping);
 and their combination (a "+"). Issue 8's targets are keep 0.5 + 2:4 MLP and
 keep 0.5 + 50% block MLP (2to4mlp+keep0.5, block0.5-blk64-mlp+keep0.5) on
 ViT-B/16 at batch 256, inference and training (lotus bench-report checks them).
@@ -171,10 +171,10 @@ def build_variant(model: str, variant: Variant, device: str, dtype: torch.dtype)
 
 
 def kept_patches(keep_ratio: float, patches: int) -> int:
-    """Patches a model keeps at the input (lotus_kernels.patch_dropping.num_kept's rule: ceil, at least one)."""
+    """Patches a model keeps at the input (lotus_kernels.nn.patch_dropping.num_kept's rule: ceil, at least one)."""
     if keep_ratio >= 1.0:
         return patches
-    from lotus_kernels.patch_dropping import num_kept
+    from lotus_kernels.nn.patch_dropping import num_kept
 
     return num_kept(keep_ratio, patches)
 

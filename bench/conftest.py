@@ -171,7 +171,7 @@ def append_result_row(node, group: str, extra_info: dict) -> None:
     path = os.environ.get("LOTUS_BENCH_JSONL")
     if not path:
         return
-    from lotus_kernels.gpu_check.runner import append_jsonl
+    from lotus_kernels.recipe.tools.gpu_check.runner import append_jsonl
 
     row = {key: value for key, value in extra_info.items() if key not in _SESSION_KEYS}
     append_jsonl(path, {**row, "step": os.environ.get("LOTUS_STEP", ""), "name": node.name, "fullname": node.nodeid, "group": group})

@@ -29,8 +29,8 @@ def _tile(config) -> tuple:
 
 def cases():
     """(kernel name, dtype, precision, which tile, kernel, signature, constexprs, options) to compile."""
-    from lotus_kernels.triton import block_sparse_matmul as bsm
-    from lotus_kernels.triton import patch_drop_attention as pda
+    from lotus_kernels.kernels import block_sparse_matmul as bsm
+    from lotus_kernels.kernels import patch_drop_attention as pda
 
     def area(c):
         return c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", 1)

@@ -78,7 +78,7 @@ for s in "${steps[@]}"; do
     # The report lands in OUT_DIR itself (bench_report.md + PNGs) so it is committed with its JSON.
     report) step report with_bench_json "$PYTHON" -m lotus_kernels bench-report --out "$out" ;;
     compare) step compare with_bench_json "$PYTHON" -m lotus_kernels bench-report --baseline-dir "$baseline_dir" --compare-each ;;
-    demo) step demo "$PYTHON" -m lotus_kernels.demo --json "$out/demo.json" ;;
+    demo) step demo "$PYTHON" -m lotus_kernels.recipe.tools.demo --json "$out/demo.json" ;;
     cifar10) step cifar10 "$PYTHON" bench/record_train.py --out "$out/train-cifar10-tiny.json" \
         --what "dense vit_tiny_cifar on CIFAR-10 (JPEG q75), one GPU" -- \
         --data cifar10 --data-path "${LOTUS_CIFAR10:-.data/cifar10-jpeg.tar.gz}" --preset tiny --profile full ;;

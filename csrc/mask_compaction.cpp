@@ -436,11 +436,11 @@ at::Tensor decompress_2to4_cpu(const at::Tensor& values_in, const at::Tensor& me
 
 // ---------------------------------------------------------------------------
 // Schemas. Fake (meta) implementations are registered in Python
-// (lotus_kernels/ops.py); set_python_module tells torch where to find them.
+// (lotus_kernels/ops/mask_compaction.py); set_python_module tells torch where to find them.
 // ---------------------------------------------------------------------------
 
 TORCH_LIBRARY(lotus_kernels, m) {
-  m.set_python_module("lotus_kernels.ops");
+  m.set_python_module("lotus_kernels.ops.mask_compaction");
   m.def("keep_indices(Tensor keep_mask) -> (Tensor indices, Tensor counts)");
   m.def(
       "dense_to_bsr(Tensor weight, Tensor block_mask, int block_rows, int block_cols) "

@@ -60,6 +60,11 @@ def _spec(pattern: str, device: str) -> backends.LayerSpec:
     return backends.LayerSpec(pattern, torch.device(device), dtype, (32, 32) if pattern == "block" else None)
 
 
+def extension_built() -> bool:
+    """Whether the compiled extension (the compaction ops) loaded in this process."""
+    return _extension.is_built()
+
+
 def collect() -> dict:
     """Everything the report prints, as a dict."""
     build = _extension.build_info()

@@ -1,10 +1,16 @@
-"""Pure-PyTorch references for the mask-compaction ops of ``csrc/mask_compaction.cpp``.
+"""The storage layouts of sparse weights and kept tokens, in pure PyTorch: their checks, conversions and ``*_ref``s.
 
-Same layouts as the extension (see ``csrc/mask_compaction.h``), any device,
-differentiable where that makes sense (``decompress_2to4_ref`` w.r.t. the
-values). Tests compare the extension against these with exact equality; the
-reference SparseLinear backend uses ``decompress_2to4_ref`` and
-``bsr_to_dense_ref`` to rebuild its dense weight.
+BSR (crow/col/values, its transpose structure), 2:4 (values + metadata:
+eight 4-bit group codes per int32 word), packed bit masks and keep indices,
+exactly as ``csrc/mask_compaction.h`` defines them. Two roles:
+- the ``*_ref`` of each compaction op (``ops.mask_compaction``): any device,
+  differentiable where that makes sense, compared with the extension by exact
+  equality in the tests;
+- production code that needs no kernel: the structure checks every op runs
+  before its kernel trusts an index (``check_bsr_structure``,
+  ``check_2to4_metadata``), the transposed BSR structure the backward walks,
+  and the dense weight the "dense"/"reference" backends rebuild
+  (``dense_weight_ref``).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .mask_compaction import normalized_mask
+from .layouts import normalized_mask
 
 PATTERNS = ("unstructured", "2:4", "block")
 

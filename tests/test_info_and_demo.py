@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from lotus_kernels import demo, info
+from lotus_kernels import info
+from lotus_kernels.recipe.tools import demo
 
 
 def run_module(*args):

@@ -1,54 +1,31 @@
-"""Backends that compute SparseLinear's forward, and how "auto" chooses one.
+"""One backend registry, for SparseLinear's matmul and for patch-drop attention.
 
-A backend says, for a layer spec (pattern, device, dtype, block size, weight
-shape), whether it can run and if not why. Built in: "dense" (cuBLAS / CPU
-matmul on the masked dense weight, cached while the weights do not change:
-the fallback that is never slower than a plain nn.Linear) and "reference"
-(pure torch, rebuilds the dense weight on every call: the exact masked-dense
-semantics every kernel is tested against; explicit use only). Kernel backends
-register themselves ("triton" from lotus_kernels.triton, "cusparselt" from
-lotus_kernels.cusparselt) before them; SparseLinear's contract does not
-change when they do.
-
-"auto" considers the usable backends that allow automatic use there, in
-registration order:
-- one candidate: it runs;
-- several, on CUDA: each is timed once per (spec, weight shape, nnz, rows of
-  x rounded up to a power of two, inference or training) and the fastest is
-  kept; in training (grad enabled, values requiring grad) the time is forward
-  plus backward, since a kernel can win the forward and lose the whole
-  step; "dense" stays in
-  the race, so a kernel backend is used only where it measured faster than
-  the dense matmul of the same weights. Decisions are also written to
-  ``<LOTUS_CACHE_DIR or ~/.cache/lotus_kernels>/auto_choices.json`` per GPU
-  model and library versions, so a later process reuses them without timing
-  again (``LOTUS_AUTO_CACHE=0`` turns the file off) and ``python -m
-  lotus_kernels.info`` lists them. No timing happens inside a torch.compile
-  trace: there this process's decision for the key runs, or else "dense"
-  (never a blind guess at a kernel); run one eager forward (or training
-  step) before compiling to let "auto" measure.
+A backend is a named implementation of one op family with a ``why_not(spec)``
+(None when it can run that spec, else the reason) and an ``auto(spec)``
+(whether "auto" may pick it there). A ``Registry`` keeps one family's
+backends in preference order: kernel backends in the order they register,
+the fallbacks named ``last`` behind them. ``LINEAR`` holds SparseLinear's
+("triton", "cusparselt", "dense", "reference"; "auto" may time them, see
+``backends.linear``); ``ATTENTION`` holds patch_drop_attention's ("triton",
+"sdpa", "reference"; "auto" takes the first that allows it). The backends
+register when ``lotus_kernels`` is imported (``lotus_kernels.backends.{triton,
+cusparselt, dense, attention}``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from . import weight_cache
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class LayerSpec:
+    """What a SparseLinear backend's choice depends on."""
+
     pattern: str
     device: torch.device
     dtype: torch.dtype
@@ -57,296 +34,96 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class AttentionSpec:
+    """What a patch-drop attention backend's choice depends on."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
     description: str
     # spec -> None when usable, else the reason it is not.
-    why_not: Callable[[LayerSpec], str | None]
-    # (module, x [..., in_features]) -> y [..., out_features]
-    forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    why_not: Callable[[object], str | None]
+    # LINEAR: (module, x [..., in_features]) -> y [..., out_features];
+    # ATTENTION: (qkv5 [B, N, 3, H, D], keep_idx [B, K] | None, scale, return_cls, num_prefix, padded) -> out (, cls).
+    forward: Callable
     # spec -> whether "auto" may consider it (e.g. not the Triton interpreter on CPU).
-    auto: Callable[[LayerSpec], bool] = lambda spec: True
+    auto: Callable[[object], bool] = lambda spec: True
 
 
-class Decision(NamedTuple):
-    """What one "auto" decision is for (the in-process cache key; its text is the persisted one)."""
+class Registry:
+    """One op family's backends, in "auto" preference order (``last`` fallbacks stay at the end)."""
 
-    spec: LayerSpec
-    values_shape: tuple[int, ...]
-    out_features: int
-    in_features: int
-    rows: int  # rows of x rounded up to a power of two
-    candidates: tuple[str, ...]
-    mode: str  # "fwd" (inference) or "fwd+bwd" (training)
+    def __init__(self, op: str, last: Sequence[str] = (), unusable: type[Exception] = RuntimeError):
+        self.op = op
+        self.last = tuple(last)
+        self.unusable = unusable  # what an explicitly named backend that cannot run the spec raises
+        self._backends: dict[str, Backend] = {}
+        self._listeners: list[Callable[[], None]] = []
 
+    def register(self, backend: Backend) -> None:
+        """Adds (or replaces) a backend; the ``last`` fallbacks move behind it."""
+        self._backends[backend.name] = backend
+        for name in self.last:
+            if name in self._backends and backend.name not in self.last:
+                self._backends[name] = self._backends.pop(name)
+        for listener in self._listeners:
+            listener()
 
-_REGISTRY: dict[str, Backend] = {}
-_AUTO_CHOICE: dict[Decision, str] = {}
-AUTO = "auto"
-# The built-in fallbacks stay behind every kernel backend, in this order.
-_LAST = ("dense", "reference")
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Calls ``listener()`` whenever a backend registers (decisions cached elsewhere go stale)."""
+        self._listeners.append(listener)
 
+    def names(self) -> list[str]:
+        return list(self._backends)
 
-def register_backend(backend: Backend) -> None:
-    """Adds a backend. "auto" tries backends in registration order, "dense" and "reference" last."""
-    _REGISTRY[backend.name] = backend
-    for name in _LAST:
-        if name in _REGISTRY and backend.name not in _LAST:
-            _REGISTRY[name] = _REGISTRY.pop(name)
-    _AUTO_CHOICE.clear()
+    def __getitem__(self, name: str) -> Backend:
+        return self._backends[name]
 
+    def check_name(self, name, what: str = "backend") -> str:
+        """name, or ValueError listing the names this registry takes ("auto" and every backend)."""
+        if name != AUTO and name not in self._backends:
+            raise ValueError(f"{self.op}: {what} must be one of {[AUTO, *self._backends]}, got {name!r}")
+        return name
 
-def backend_names() -> list[str]:
-    return list(_REGISTRY)
+    def explain(self, spec) -> list[tuple[str, str | None]]:
+        """[(backend name, None if usable else why not)] in "auto" preference order."""
+        return [(b.name, b.why_not(spec)) for b in self._backends.values()]
 
+    def auto_candidates(self, spec) -> list[Backend]:
+        """The backends "auto" would consider for this spec, in preference order."""
+        return [b for b in self._backends.values() if b.why_not(spec) is None and b.auto(spec)]
 
-def check_backend_name(name) -> str:
-    if name != AUTO and name not in _REGISTRY:
-        raise ValueError(f"backend must be one of {[AUTO, *_REGISTRY]}, got {name!r}")
-    return name
+    def explicit(self, name: str, spec) -> Backend:
+        """The backend named, or RuntimeError saying why it cannot run this spec."""
+        reason = self._backends[self.check_name(name)].why_not(spec)
+        if reason is not None:
+            raise self.unusable(f"{self.op}: backend {name!r} cannot run {describe(spec)}: {reason}")
+        return self._backends[name]
 
+    def candidates_or_raise(self, spec) -> list[Backend]:
+        candidates = self.auto_candidates(spec)
+        if not candidates:
+            detail = "; ".join(f"{n}: {r}" for n, r in self.explain(spec))
+            raise RuntimeError(f"{self.op}: no backend can run {describe(spec)} ({detail})")
+        return candidates
 
-def explain(spec: LayerSpec) -> list[tuple[str, str | None]]:
-    """[(backend name, None if usable else why not)] in "auto" preference order."""
-    return [(b.name, b.why_not(spec)) for b in _REGISTRY.values()]
-
-
-def auto_candidates(spec: LayerSpec) -> list[Backend]:
-    """The backends "auto" would consider for this spec, in preference order."""
-    return [b for b in _REGISTRY.values() if b.why_not(spec) is None and b.auto(spec)]
-
-
-def select(name: str, spec: LayerSpec) -> Backend:
-    """The backend named, or for "auto" the first candidate (no measuring)."""
-    if name != AUTO:
-        return _explicit(name, spec)
-    return _candidates_or_raise(spec)[0]
-
-
-def _explicit(name: str, spec: LayerSpec) -> Backend:
-    reason = _REGISTRY[name].why_not(spec)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run {spec.pattern!r} on {spec.device} {spec.dtype}: {reason}")
-    return _REGISTRY[name]
-
-
-def _candidates_or_raise(spec: LayerSpec) -> list[Backend]:
-    candidates = auto_candidates(spec)
-    if not candidates:
-        detail = "; ".join(f"{n}: {r}" for n, r in explain(spec))
-        raise RuntimeError(f"no backend can run {spec.pattern!r} on {spec.device} {spec.dtype} ({detail})")
-    return candidates
+    def select(self, name: str, spec) -> Backend:
+        """The backend named, or for "auto" the first candidate (no measuring)."""
+        if name != AUTO:
+            return self.explicit(name, spec)
+        return self.candidates_or_raise(spec)[0]
 
 
-def select_for(module, x: torch.Tensor, spec: LayerSpec, timer: Callable | None = None) -> Backend:
-    """The backend that runs ``module(x)``: see the module docstring for how "auto" decides.
-
-    timer(backend, module, x) -> milliseconds; default: CUDA events, median of 10.
-    Runs on every forward: each backend's check is evaluated once per call.
-    """
-    if module.backend != AUTO:
-        return _explicit(module.backend, spec)
-    candidates = _candidates_or_raise(spec)
-    if len(candidates) == 1 or x.device.type != "cuda":
-        return candidates[0]
-    names = tuple(b.name for b in candidates)
-    training = torch.is_grad_enabled() and module.values.requires_grad
-    rows = rows_bucket(math.prod(x.shape[:-1]))
-    key = Decision(spec, tuple(module.values.shape), module.out_features, module.in_features, rows, names, "fwd+bwd" if training else "fwd")
-    if key in _AUTO_CHOICE:
-        return _REGISTRY[_AUTO_CHOICE[key]]
-    if torch.compiler.is_compiling():
-        # No timing (nor file reading) inside a trace: the safe choice, never slower than nn.Linear.
-        return _REGISTRY["dense"] if "dense" in names else candidates[0]
-    saved = _saved_choice(key, x.device)
-    if saved is not None:
-        _AUTO_CHOICE[key] = saved
-        return _REGISTRY[saved]
-    timer = timer or _time_backend_ms
-    with torch.enable_grad() if training else torch.no_grad():
-        times = {b.name: timer(b, module, x) for b in candidates}
-    _AUTO_CHOICE[key] = min(times, key=times.get)
-    _save_choice(key, x.device, times)
-    return _REGISTRY[_AUTO_CHOICE[key]]
+def describe(spec) -> str:
+    """A spec in words, for errors."""
+    pattern = f"{spec.pattern!r} " if isinstance(spec, LayerSpec) else ""
+    return f"{pattern}on {spec.device} {spec.dtype}"
 
 
-def rows_bucket(rows: int) -> int:
-    """Rows of x rounded up to a power of two: the granularity of per-shape decisions (auto, algorithm search)."""
-    return 1 << (max(1, rows) - 1).bit_length()
-
-
-def auto_choices() -> dict[Decision, str]:
-    """What "auto" has decided so far in this process (for info and benchmarks)."""
-    return dict(_AUTO_CHOICE)
-
-
-# ----------------------------------------------------- persisted decisions
-# One JSON file: {device key: {decision key: {"choice", "times_ms"}}}. The
-# device key names the GPU model and the versions that change kernel speed,
-# so a driver / torch / triton / lotus upgrade measures afresh.
-
-
-def auto_cache_path() -> Path | None:
-    """Where decisions are persisted, or None when LOTUS_AUTO_CACHE=0."""
-    if os.environ.get("LOTUS_AUTO_CACHE", "1") == "0":
-        return None
-    root = os.environ.get("LOTUS_CACHE_DIR") or os.path.join("~", ".cache", "lotus_kernels")
-    return Path(os.path.expanduser(root)) / "auto_choices.json"
-
-
-def _device_key(device: torch.device) -> str:
-    import importlib.metadata
-
-    def version(name):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            return importlib.metadata.version(name)
-        return "none"
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name} | torch {torch.__version__} | triton {version('triton')} | lotus {version('lotus-kernels')}"
-
-
-def _decision_key(key: Decision) -> str:
-    spec = key.spec
-    block = "" if spec.block_size is None else f" block {spec.block_size[0]}x{spec.block_size[1]}"
-    return (
-        f"{spec.pattern}{block} {str(spec.dtype).removeprefix('torch.')} out {key.out_features} in {key.in_features} "
-        f"values {list(key.values_shape)} rows<={key.rows} {key.mode} among {','.join(key.candidates)}"
-    )
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # missing or corrupt: measure again (and rewrite it)
-    return data if isinstance(data, dict) else {}
-
-
-def _saved_choice(key: Decision, device: torch.device) -> str | None:
-    path = auto_cache_path()
-    if path is None or device.type != "cuda":
-        return None
-    entry = _read_cache(path).get(_device_key(device), {}).get(_decision_key(key))
-    choice = entry.get("choice") if isinstance(entry, dict) else None
-    return choice if choice in key.candidates else None
-
-
-def _save_choice(key: Decision, device: torch.device, times: dict[str, float]) -> None:
-    path = auto_cache_path()
-    if path is None or device.type != "cuda":
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read_cache(path)
-        data.setdefault(_device_key(device), {})[_decision_key(key)] = {
-            "choice": min(times, key=times.get),
-            "times_ms": {k: round(v, 5) for k, v in times.items()},
-        }
-        # Written whole and renamed: concurrent processes never see half a file.
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(f.name, path)
-    except OSError:
-        pass  # a read-only home must not break a forward pass; the in-process cache still holds
-
-
-def saved_auto_choices(device: torch.device | str | None = None) -> dict[str, dict]:
-    """Persisted decisions {device key: {decision: {"choice", "times_ms"}}}, for one device if given."""
-    path = auto_cache_path()
-    data = _read_cache(path) if path is not None else {}
-    if device is None:
-        return data
-    key = _device_key(torch.device(device))
-    return {key: data.get(key, {})}
-
-
-def _time_backend_ms(backend: Backend, module, x: torch.Tensor, repeats: int = 10) -> float:
-    """Median time of backend.forward(module, x) on the current CUDA stream, after one warm-up call;
-    with grad enabled, of forward plus backward (gradients returned and dropped, never
-    accumulated into .grad: timing must not change training)."""
-    training = torch.is_grad_enabled()
-    x = x.detach().requires_grad_(training and x.requires_grad)  # the caller's graph stays untouched
-    inputs = [t for t in (module.values, module.bias, x) if t is not None and t.requires_grad] if training else []
-
-    def fn():
-        y = backend.forward(module, x)
-        if inputs:
-            torch.autograd.grad(y, inputs, torch.ones_like(y))
-
-    fn()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for s, e in zip(start, end):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in zip(start, end))[repeats // 2]
-
-
-def _reference_forward(module, x: torch.Tensor) -> torch.Tensor:
-    # Rebuilding the dense weight each call is the point of the reference: it
-    # is the masked-dense semantics every kernel backend is tested against.
-    return apply_activation(module, F.linear(x, module.to_dense(), module.bias))
-
-
-def apply_activation(module, y: torch.Tensor) -> torch.Tensor:
-    """The layer's epilogue for backends that do not fuse it: exact GELU or nothing."""
-    return F.gelu(y) if module.activation == "gelu" else y
-
-
-def autocast_operands(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None):
-    """(x, values, bias) in the autocast dtype when autocast is on for x's device: what F.linear does there."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return x, values, bias
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return x.to(dtype), values.to(dtype), bias.to(dtype) if bias is not None else None
-
-
-def autocast_input(x: torch.Tensor, bias: torch.Tensor | None):
-    """(x, bias) in the compute dtype (autocast's when on for x's device, else x's), for
-    backends whose weight copy is cast once, when it is made (lotus_kernels.weight_cache)."""
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    return x, bias.to(x.dtype) if bias is not None else None
-
-
-def _dense_forward(module, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and module.values.requires_grad:
-        # Training: rebuilt so gradients reach the stored values (an O(out*in)
-        # pass, small next to the matmul).
-        return apply_activation(module, F.linear(x, module.to_dense(), module.bias))
-    # Inference: the dense weight in the compute dtype, made once per weight
-    # state (lotus_kernels.weight_cache); compiled, through the op that looks it
-    # up at run time.
-    x, bias = autocast_input(x, module.bias)
-    shape = (module.out_features, module.in_features)
-    with torch.autocast(x.device.type, enabled=False):
-        if torch.compiler.is_compiling():
-            y = weight_cache.dense_linear_cached(x, module.values, list(module.index_tensors()), bias, module.pattern, *shape)
-        else:
-            weight = weight_cache.dense_weight(module.pattern, module.values, module.index_tensors(), shape, x.dtype)
-            y = F.linear(x, weight, bias)
-    return apply_activation(module, y)
-
-
-register_backend(
-    Backend(
-        name="dense",
-        description="cuBLAS / CPU matmul on the masked dense weight, kept while the weights do not change "
-        "(memory of a dense layer; no speedup, never slower than nn.Linear)",
-        why_not=lambda spec: None,
-        forward=_dense_forward,
-    )
-)
-register_backend(
-    Backend(
-        name="reference",
-        description="pure torch: rebuilds the masked dense weight on every call (the semantics kernels are tested "
-        "against; explicit backend='reference' only)",
-        why_not=lambda spec: None,
-        forward=_reference_forward,
-        auto=lambda spec: False,
-    )
-)
+LINEAR = Registry("SparseLinear", last=("dense", "reference"))
+# An attention backend that cannot run is the caller's tensors' fault (device, dtype): ValueError.
+ATTENTION = Registry("patch_drop_attention", last=("reference",), unusable=ValueError)

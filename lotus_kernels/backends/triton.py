@@ -1,19 +1,19 @@
-"""Triton kernels, one file per kernel (kernel + launcher + *_ref).
+"""The "triton" backend of SparseLinear: our Triton kernels for patterns "block" and "2:4".
 
-Importing this package registers the kernel backends with
-lotus_kernels.backends; it does not import triton itself (the kernels are
-imported when they first run).
+Registering it does not import triton (the kernels are imported when they first run).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
-from .. import ops
-from ..backends import Backend, LayerSpec, autocast_operands, register_backend
+from .._shared import INTERPRET, KERNEL_DTYPES
+from ..ops.block_sparse_matmul import BLOCK_SPARSE_SIZES, block_sparse_matmul
+from ..ops.semi_structured_matmul import semi_structured_matmul
+from .linear import autocast_operands, register_backend
+from .registry import Backend, LayerSpec
 
 # Looked up once: a per-call find_spec breaks torch.compile on older torch
 # (dynamo refuses to trace importlib). find_spec does not import triton.
@@ -25,14 +25,14 @@ def _triton_why_not(spec: LayerSpec) -> str | None:
         return "runs patterns 'block' and '2:4'"
     if not TRITON_INSTALLED:
         return "triton is not installed"
-    if spec.pattern == "block" and (spec.block_size is None or any(b not in ops.BLOCK_SPARSE_SIZES for b in spec.block_size)):
-        return f"block sizes must be in {ops.BLOCK_SPARSE_SIZES}, got {spec.block_size}"
-    if spec.dtype not in ops.BLOCK_SPARSE_DTYPES:
-        return f"dtype must be one of {ops.BLOCK_SPARSE_DTYPES}, got {spec.dtype}"
+    if spec.pattern == "block" and (spec.block_size is None or any(b not in BLOCK_SPARSE_SIZES for b in spec.block_size)):
+        return f"block sizes must be in {BLOCK_SPARSE_SIZES}, got {spec.block_size}"
+    if spec.dtype not in KERNEL_DTYPES:
+        return f"dtype must be one of {KERNEL_DTYPES}, got {spec.dtype}"
     if spec.device.type == "cuda":
         return None
     if spec.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not INTERPRET:
             return "on CPU it needs TRITON_INTERPRET=1 (the Triton interpreter: slow, for tests)"
         if spec.dtype == torch.bfloat16:
             return "the Triton interpreter mishandles bfloat16"
@@ -44,8 +44,8 @@ def _triton_forward(module, x: torch.Tensor) -> torch.Tensor:
     x, values, bias = autocast_operands(x, module.values, module.bias)
     with torch.autocast(x.device.type, enabled=False):
         if module.pattern == "2:4":
-            return ops.semi_structured_matmul(x, values, module.metadata, bias, module.activation)
-        return ops.block_sparse_matmul(
+            return semi_structured_matmul(x, values, module.metadata, bias, module.activation)
+        return block_sparse_matmul(
             x, values, module.crow_indices, module.col_indices, module.out_features, bias, module.activation,
             structure=module.block_structure(),
         )

@@ -9,14 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Autotuning keys by shape class (a power of two), so that a batch size, a keep
+# INTERPRET: Triton reads TRITON_INTERPRET when it is imported; so do we (once, in _shared).
+# bucket: autotuning keys by shape class (a power of two), so that a batch size, a keep
 # ratio or a pruning level that moves a size a little reuses the tuned config;
 # the same classes "auto" decides by.
-from ..backends import rows_bucket as bucket  # noqa: F401  (re-exported for the kernel files)
-
-# Triton reads TRITON_INTERPRET when it is imported; so do we.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ACTIVATIONS = ("none", "gelu")
+from .._shared import ACTIVATIONS, INTERPRET  # noqa: F401  (re-exported for the kernel files)
+from .._shared import rows_bucket as bucket  # noqa: F401
 
 # How hard the kernels autotune, read once at import like TRITON_INTERPRET:
 #   "full" (default): every config of a kernel, for the best speed;

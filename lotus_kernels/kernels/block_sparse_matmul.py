@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..mask_compaction import bsr_to_dense_ref
+from ..layouts import bsr_to_dense_ref
 from ._common import ACTIVATIONS, INTERPRET, autotune, bucket, gelu, input_precision, packed
 
 

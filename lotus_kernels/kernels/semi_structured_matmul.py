@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..mask_compaction import decompress_2to4_ref
+from ..layouts import decompress_2to4_ref
 from ._common import ACTIVATIONS, INTERPRET, gelu, input_precision, packed
 
 

@@ -80,8 +80,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mask_compaction import compress_2to4_ref, decompress_2to4_ref, unpack_2to4_slots
-from .nn import SparseLinear
+from ..layouts import compress_2to4_ref, decompress_2to4_ref, unpack_2to4_slots
+from .sparse_linear import SparseLinear
 
 __all__ = ["Dynamic2to4", "RepruneResult"]
 

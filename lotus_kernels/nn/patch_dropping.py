@@ -40,7 +40,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import ops
+from .. import ops
+from ..backends import ATTENTION
 
 SELECTORS = ("cls_attention", "random", "given")
 _STATE = "_lotus_patch_dropping"
@@ -299,8 +300,7 @@ def enable_patch_dropping_(
     """
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-    if backend not in ops.PATCH_DROP_BACKENDS:
-        raise ValueError(f"backend must be one of {ops.PATCH_DROP_BACKENDS}, got {backend!r}")
+    ATTENTION.check_name(backend)
     _check_vit(model)
     where = _check_drop_at(drop_at, len(model.blocks))
     if selector is None:

@@ -1,8 +1,9 @@
-"""The "cusparselt" backend of SparseLinear(pattern="2:4"): NVIDIA cuSPARSELt through PyTorch's binding.
+"""The cuSPARSELt 2:4 matmul op: NVIDIA cuSPARSELt through PyTorch's binding (the "cusparselt" backend of
+SparseLinear(pattern="2:4") is ``lotus_kernels.backends.cusparselt``).
 
 We use the well-kept library where it is fastest rather than rewrite it; "auto"
 races it against our Triton kernel and the dense matmul per shape (see
-lotus_kernels.backends), so it runs only where it measured faster.
+lotus_kernels.backends.linear), so it runs only where it measured faster.
 
 Layout. cuSPARSELt wants the sparse operand first and in its own packed
 format (kept values and metadata in one opaque buffer), so for
@@ -52,9 +53,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .backends import Backend, LayerSpec, apply_activation, autocast_input, register_backend, rows_bucket
-from .mask_compaction import decompress_2to4_ref
+from .._shared import rows_bucket
+from ..layouts import decompress_2to4_ref
+from .semi_structured_matmul import semi_structured_values_grad
 from .weight_cache import CUDAGRAPH_UNSAFE, derived
 
 CUSPARSELT_DTYPES = (torch.float16, torch.bfloat16)
@@ -63,7 +64,6 @@ CUSPARSELT_DTYPES = (torch.float16, torch.bfloat16)
 WEIGHT_MULTIPLE = 16
 ROW_MULTIPLE = 8
 MIN_CAPABILITY = (8, 0)
-
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def _matmul(config: CallConfig, weight: torch.Tensor, x: torch.Tensor, bias: tor
 
 
 @torch.library.custom_op("lotus_kernels::cusparselt_matmul", mutates_args=(), **CUDAGRAPH_UNSAFE)
-def _cusparselt_matmul(x: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def cusparselt_matmul(x: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T + bias for the 2:4 weight W of (values [N, K/2], metadata).
 
     x and bias are in the compute dtype; values is the stored parameter in
@@ -207,7 +207,7 @@ def _cusparselt_matmul(x: torch.Tensor, values: torch.Tensor, metadata: torch.Te
     return _matmul(config, packed(values, metadata, x.dtype), x, bias)
 
 
-@_cusparselt_matmul.register_fake
+@cusparselt_matmul.register_fake
 def _(x, values, metadata, bias):
     return x.new_empty((x.shape[0], values.shape[0]))
 
@@ -224,19 +224,25 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = grad @ _dense_weight(values.to(grad.dtype), metadata)
     if ctx.needs_input_grad[1]:
-        grad_values = ops.semi_structured_values_grad(grad, x, metadata).to(values.dtype)
+        grad_values = semi_structured_values_grad(grad, x, metadata).to(values.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
     return grad_x, grad_values, None, grad_bias
 
 
-_cusparselt_matmul.register_autograd(_backward, setup_context=_setup)
+cusparselt_matmul.register_autograd(_backward, setup_context=_setup)
 
 
-# ------------------------------------------------------------ the backend
+# ------------------------------------------------- what the backend asks
 
 
-def _device_reason(device: torch.device) -> str | None:
+def config_error() -> str | None:
+    """Why the configuration from the environment was refused (the backend is then off), or None."""
+    return _CONFIG_ERROR
+
+
+def device_reason(device: torch.device) -> str | None:
+    """None when cuSPARSELt can run on this CUDA device, else why not (asked of the device once)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _DEVICE_OK:
         backend = getattr(torch.backends, "cusparselt", None)
@@ -250,52 +256,11 @@ def _device_reason(device: torch.device) -> str | None:
     return _DEVICE_OK[index]
 
 
-def why_not(spec: LayerSpec) -> str | None:
-    """None when the cusparselt backend can run a layer of this spec, else why not."""
-    if spec.pattern != "2:4":
-        return "runs pattern '2:4' only"
-    if _CONFIG is None:
-        return _CONFIG_ERROR or f"turned off ({ENV}=off)"
-    if spec.device.type != "cuda":
-        return "needs a CUDA device (NVIDIA cuSPARSELt)"
-    if spec.dtype not in CUSPARSELT_DTYPES:
-        return f"dtype must be one of {CUSPARSELT_DTYPES} (torch's cuSPARSELt binding has no fp32), got {spec.dtype}"
-    if spec.features is not None and any(f % WEIGHT_MULTIPLE for f in spec.features):
-        return f"out_features and in_features must be multiples of {WEIGHT_MULTIPLE}, got {spec.features}"
-    if torch.compiler.is_compiling():
-        return _DEVICE_OK.get(spec.device.index or 0)  # decided eagerly before the trace, or assumed fine
-    return _device_reason(spec.device)
+def known_device_reason(device: torch.device) -> str | None:
+    """What ``device_reason`` found before, without asking the device (inside a torch.compile trace)."""
+    return _DEVICE_OK.get(device.index or 0)
 
 
 def packed_weight(module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The module's 2:4 weight in cuSPARSELt's packed format, in ``dtype`` (default: the weight's); see ``packed``."""
+    """A 2:4 SparseLinear's weight in cuSPARSELt's packed format, in ``dtype`` (default: the weight's); see ``packed``."""
     return packed(module.values, module.metadata, dtype or module.values.dtype)
-
-
-def cusparselt_linear(module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` through cuSPARSELt: x [..., in_features] -> [..., out_features] (differentiable)."""
-    x, bias = autocast_input(x, module.bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, module.in_features).contiguous()
-    with torch.autocast(x.device.type, enabled=False):
-        # The stored values go in uncast: the op keys its packed copy on them.
-        y = _cusparselt_matmul(x2, module.values, module.metadata, bias)
-    return apply_activation(module, y.reshape(*lead, module.out_features))
-
-
-def auto_may_race(spec: LayerSpec) -> bool:
-    """Whether "auto" may time this backend: only in a configuration proven on a GPU (a device fault
-    in a trial run would kill the process's CUDA context, so it cannot be raced to find out)."""
-    return _CONFIG is not None and _CONFIG.name in PROVEN
-
-
-register_backend(
-    Backend(
-        name="cusparselt",
-        description="NVIDIA cuSPARSELt 2:4 matmul via torch._cslt_sparse_mm (packed once per weight; called as "
-        "torch's semi-structured path calls it unless LOTUS_CUSPARSELT says otherwise), forward and backward",
-        why_not=why_not,
-        forward=cusparselt_linear,
-        auto=auto_may_race,
-    )
-)

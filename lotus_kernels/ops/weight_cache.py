@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .mask_compaction import dense_weight_ref
+from ..layouts import dense_weight_ref
 
 # (id(values), name) -> (weakref to values, state key, copy)
 _CACHE: dict[tuple, tuple] = {}

@@ -5,7 +5,7 @@ dense model independently (weights * masks from lotus_kernels.masks), compare
 outputs, and measure bytes and CPU latency. Prints a table; --json writes
 the measurements with device, versions, date and command.
 
-    python -m lotus_kernels.demo [--model vit_tiny_patch16_224] [--batch 8] [--repeats 10] [--json out.json]
+    python -m lotus_kernels.recipe.tools.demo [--model vit_tiny_patch16_224] [--batch 8] [--repeats 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import masks
-from .info import collect
-from .nn import SparsityConfig, default_filter, sparsify_, sparsity_summary
+from lotus_kernels import masks
+from lotus_kernels.info import collect
+from lotus_kernels.nn import SparsityConfig, default_filter, sparsify_, sparsity_summary
 
 CONFIGS = [
     ("unstructured 50%", SparsityConfig("unstructured", 0.5)),
@@ -139,7 +139,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lotus_kernels.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lotus_kernels.recipe.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (built with pretrained=False)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             versions=info["versions"],
             extension=info["extension"],
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            command="python -m lotus_kernels.demo " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            command="python -m lotus_kernels.recipe.tools.demo " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         )
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,4 +1,4 @@
-"""pytest plugin for gpu-check steps (``-p lotus_kernels.gpu_check.pytest_progress``): named, resumable, on time.
+"""pytest plugin for gpu-check steps (``-p lotus_kernels.recipe.tools.gpu_check.pytest_progress``): named, resumable, on time.
 
 - ``LOTUS_TEST_LOG=FILE``: every test's outcome is appended to FILE as one
   JSON line the moment it is known ({"step", "nodeid", "outcome", "seconds",

@@ -97,7 +97,7 @@ def output_path(out: Path, name: str) -> Path:
 
 def source_root() -> Path | None:
     """The repository this package runs from (it has bench/ and tests/), or None for an installed copy."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[4]  # lotus_kernels/recipe/tools/gpu_check/runner.py
     return root if (root / "bench" / "conftest.py").is_file() and (root / "tests").is_dir() else None
 
 

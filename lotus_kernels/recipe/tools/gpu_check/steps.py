@@ -9,7 +9,7 @@ tests.jsonl, the step's deadline respected, resumable). Kernels autotune
 over a few configs (``LOTUS_AUTOTUNE=quick``) unless the environment says
 otherwise: a lease cannot spend 10-25 s compiling every config of every kernel.
 
-Bodies run here (``python -m lotus_kernels.gpu_check.steps NAME OUT``):
+Bodies run here (``python -m lotus_kernels.recipe.tools.gpu_check.steps NAME OUT``):
 - ``env``: environment and measured peaks: a bf16 8192^3 matmul and a 1 GiB
   device copy on CUDA (an fp32 512^3 matmul and a 64 MiB copy on CPU);
 - ``cusparselt``: each cuSPARSELt call configuration (``cusparselt.CONFIGS``)
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .runner import Command, Context, Step, StepResult, append_jsonl, output_path, read_jsonl
 
-PLUGIN = "lotus_kernels.gpu_check.pytest_progress"
+PLUGIN = "lotus_kernels.recipe.tools.gpu_check.pytest_progress"
 DATA_ENV = "LOTUS_CIFAR10"
 DEFAULT_DATA = Path(".data") / "cifar10-jpeg.tar.gz"
 
@@ -66,7 +66,7 @@ def _needs_source(ctx: Context) -> str | None:
 
 def _body(name: str):
     def prepare(ctx: Context) -> Command:
-        return Command([ctx.python, "-m", "lotus_kernels.gpu_check.steps", name, str(ctx.out.resolve())], _outputs(ctx))
+        return Command([ctx.python, "-m", "lotus_kernels.recipe.tools.gpu_check.steps", name, str(ctx.out.resolve())], _outputs(ctx))
 
     return prepare
 
@@ -80,7 +80,7 @@ def _bench(file: str):
 
 def _correctness(selection: str, *files: str):
     def prepare(ctx: Context) -> Command | str:
-        argv = _pytest(ctx, *files, "tests/test_gpu_quick.py", "-k", selection, "-v", "--durations=10")
+        argv = _pytest(ctx, *files, "tests/ops/test_gpu_quick.py", "-k", selection, "-v", "--durations=10")
         return _needs_source(ctx) or Command(argv, _outputs(ctx))
 
     return prepare
@@ -112,9 +112,9 @@ def _tests(ctx: Context) -> Command | str:
 
 
 def _build(ctx: Context) -> Command | str:
-    from .. import _extension
+    from lotus_kernels.info import extension_built
 
-    if _extension.is_built() and os.environ.get("LOTUS_GPU_CHECK_REBUILD") != "1":
+    if extension_built() and os.environ.get("LOTUS_GPU_CHECK_REBUILD") != "1":
         return "the extension is already built (LOTUS_GPU_CHECK_REBUILD=1 rebuilds)"
     if ctx.root is None:
         return "not built, and there is no source checkout to build from"
@@ -158,7 +158,7 @@ STEPS = (
     Step("speed-2to4", "2:4 linear vs cuBLAS, torch semi-structured, ours and auto", _bench("bench_semi_structured_matmul.py"), min_s=30, max_s=120),
     Step("speed-vit", "ViT-B/16 batch 256 inference and training step", _bench("bench_vit.py"), min_s=60, max_s=240),
     Step("correctness", "fast tier: every op forward and backward", _correctness("not cusparselt"), min_s=30, max_s=180),
-    Step("correctness-cusparselt", "fast tier, cuSPARSELt apart", _correctness("cusparselt", "tests/test_cusparselt.py"), min_s=15, max_s=90),
+    Step("correctness-cusparselt", "fast tier, cuSPARSELt apart", _correctness("cusparselt", "tests/ops/test_cusparselt.py"), min_s=15, max_s=90),
     Step("tests", "the whole test suite (resumable)", _tests, min_s=60),
     Step("cifar10", "the fast profile on CIFAR-10", _cifar10, min_s=60),
 )
@@ -207,7 +207,7 @@ def env_step(out: Path) -> int:
     """Environment and the device's measured peaks, one record each."""
     import torch
 
-    from ..info import collect, environment
+    from lotus_kernels.info import collect, environment
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -241,7 +241,7 @@ def cusparselt_step(out: Path) -> int:
     """Every configuration in its own process, the proven ones first; fails only if a proven one fails."""
     import torch
 
-    from .. import cusparselt
+    from lotus_kernels.ops import cusparselt
 
     if not torch.cuda.is_available():
         _record(out, {"group": "cusparselt_probe", "name": "skipped", "status": "skipped", "reason": "no CUDA device"})
@@ -260,7 +260,7 @@ def cusparselt_step(out: Path) -> int:
         env = {**os.environ, cusparselt.ENV: name, "LOTUS_DEADLINE": f"{time.time() + share:.3f}"}
         start = time.monotonic()
         try:
-            done = subprocess.run([sys.executable, "-m", "lotus_kernels.gpu_check.steps", "cusparselt-config", str(out), name], env=env, timeout=share + 10)
+            done = subprocess.run([sys.executable, "-m", "lotus_kernels.recipe.tools.gpu_check.steps", "cusparselt-config", str(out), name], env=env, timeout=share + 10)
             returncode, status = done.returncode, "passed" if done.returncode == 0 else "crashed" if done.returncode < 0 else "failed"
         except subprocess.TimeoutExpired:
             returncode, status = None, "timeout"
@@ -289,7 +289,8 @@ def cusparselt_config_step(out: Path, name: str) -> int:
     import torch
     import torch.nn.functional as F
 
-    from .. import SparseLinear, cusparselt, masks
+    from lotus_kernels import SparseLinear, masks
+    from lotus_kernels.ops import cusparselt
 
     cusparselt.set_call_config(name)
     g = torch.Generator().manual_seed(0)
@@ -342,7 +343,7 @@ def cifar10_step(out: Path) -> int:
     """
     import torch
 
-    from ..info import environment
+    from lotus_kernels.info import environment
 
     data = _data_path()
     epochs = os.environ.get("LOTUS_GPU_CHECK_EPOCHS")
@@ -379,7 +380,7 @@ def cifar10_step(out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lotus_kernels.gpu_check.steps", description="one gpu-check step body")
+    parser = argparse.ArgumentParser(prog="python -m lotus_kernels.recipe.tools.gpu_check.steps", description="one gpu-check step body")
     parser.add_argument("step", choices=("env", "cusparselt", "cusparselt-config", "cifar10"))
     parser.add_argument("out", type=Path)
     parser.add_argument("config", nargs="?", help="cusparselt-config: the configuration's name")

@@ -1,9 +1,9 @@
-"""lotus_kernels.triton._common: the dot precision the Triton kernels compile with."""
+"""lotus_kernels.kernels._common: the dot precision the Triton kernels compile with."""
 
 import pytest
 import torch
 
-from lotus_kernels.triton import _common
+from lotus_kernels.kernels import _common
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Derived copies of stored weights (lotus_kernels.weight_cache) and the dense backend's use of them, eager and compiled."""
+"""Derived copies of stored weights (lotus_kernels.ops.weight_cache) and the dense backend's use of them, eager and compiled."""
 
 import copy
 import gc
@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lotus_kernels import SparseLinear, weight_cache
+from lotus_kernels import SparseLinear
+from lotus_kernels.ops import weight_cache
 
 PATTERNS = ["2:4", "block", "unstructured"]
 

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from conftest import triton_device
 
-from lotus_kernels import SparseLinear, cusparselt, masks, ops
+from lotus_kernels import SparseLinear, masks, ops
+from lotus_kernels.backends import cusparselt
 from lotus_kernels.backends import LayerSpec
-from lotus_kernels.mask_compaction import bsr_to_dense_ref, decompress_2to4_ref
-from lotus_kernels.triton.patch_drop_attention import patch_drop_attention_ref
+from lotus_kernels.layouts import bsr_to_dense_ref, decompress_2to4_ref
+from lotus_kernels.kernels.patch_drop_attention import patch_drop_attention_ref
 
 DEVICE = triton_device()
 CUDA = DEVICE == "cuda"

@@ -6,13 +6,16 @@ The Triton kernels trust every index they read, so ops.py checks a triple once p
 Runs under TRITON_INTERPRET=1 on CPU (or on CUDA with TRITON_INTERPRET=0), small sizes.
 """
 
+import sys
+
 import pytest
 import torch
 from conftest import triton_device
 
-from lotus_kernels import SparseLinear, masks, mask_compaction, ops, weight_cache
-from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
-from lotus_kernels.triton.semi_structured_matmul import semi_structured_matmul_ref
+from lotus_kernels import SparseLinear, layouts, masks, ops
+from lotus_kernels.ops import weight_cache
+from lotus_kernels.kernels.block_sparse_matmul import block_sparse_matmul_ref
+from lotus_kernels.kernels.semi_structured_matmul import semi_structured_matmul_ref
 
 DEVICE = triton_device()
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="TRITON_INTERPRET=0 needs a CUDA device")
@@ -62,7 +65,7 @@ def test_block_sparse_matmul_rejects_a_malformed_triple(cache, name, corrupt, te
     if with_structure:
         # A structure made from the good triple, handed over with the bad one (or made from the
         # bad one bypassing the check): either way the call must refuse it.
-        kwargs["structure"] = ops._build_block_sparse_structure(crow, col, 64, 64, (16, 16))
+        kwargs["structure"] = ops.build_block_sparse_structure(crow, col, 64, 64, (16, 16))
     with pytest.raises(ValueError) as info:
         ops.block_sparse_matmul(x, values, bad_crow, bad_col, 64, **kwargs)
     assert text in str(info.value) or "does not belong" in str(info.value), str(info.value)
@@ -99,8 +102,8 @@ def test_the_check_runs_once_per_index_state(cache, monkeypatch):
     x, crow, col, values = block_case()
     structure = ops.block_sparse_structure(crow, col, 64, 64, (16, 16))
     calls = []
-    check = mask_compaction.check_bsr_structure
-    monkeypatch.setattr(ops, "check_bsr_structure", lambda *a, **k: (calls.append(1), check(*a, **k))[1])
+    check = layouts.check_bsr_structure
+    monkeypatch.setattr(sys.modules["lotus_kernels.ops.block_sparse_matmul"], "check_bsr_structure", lambda *a, **k: (calls.append(1), check(*a, **k))[1])
     expected = block_sparse_matmul_ref(x, crow, col, values, 64)
     for _ in range(3):
         torch.testing.assert_close(ops.block_sparse_matmul(x, values, crow, col, 64, structure=structure), expected)
@@ -157,8 +160,8 @@ def test_semi_structured_matmul_rejects_corrupt_metadata(cache):
 def test_semi_structured_matmul_checks_metadata_once_per_state(cache, monkeypatch):
     x, values, metadata = two_four_case()
     calls = []
-    check = mask_compaction.check_2to4_metadata
-    monkeypatch.setattr(ops, "check_2to4_metadata", lambda *a, **k: (calls.append(1), check(*a, **k))[1])
+    check = layouts.check_2to4_metadata
+    monkeypatch.setattr(sys.modules["lotus_kernels.ops.semi_structured_matmul"], "check_2to4_metadata", lambda *a, **k: (calls.append(1), check(*a, **k))[1])
     for _ in range(3):
         ops.semi_structured_matmul(x, values, metadata)
     assert len(calls) == 1

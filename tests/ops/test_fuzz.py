@@ -34,16 +34,16 @@ from hypothesis import strategies as st
 from test_mask_compaction import assert_same
 
 from lotus_kernels import SparseLinear, masks, ops
-from lotus_kernels.mask_compaction import (
+from lotus_kernels.layouts import (
     bsr_transpose_ref,
     compress_2to4_ref,
     decompress_2to4_ref,
     dense_to_bsr_ref,
     keep_indices_ref,
 )
-from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
-from lotus_kernels.triton.patch_drop_attention import patch_drop_attention_ref
-from lotus_kernels.triton.semi_structured_matmul import semi_structured_matmul_ref
+from lotus_kernels.kernels.block_sparse_matmul import block_sparse_matmul_ref
+from lotus_kernels.kernels.patch_drop_attention import patch_drop_attention_ref
+from lotus_kernels.kernels.semi_structured_matmul import semi_structured_matmul_ref
 
 DEVICE = triton_device()
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="TRITON_INTERPRET=0 needs a CUDA device")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import assert_compiled_backward_matches_eager, strided, compile_for_gpu, triton_device
 
 from lotus_kernels import SparseLinear, backends, masks, ops
-from lotus_kernels.triton.block_sparse_matmul import block_sparse_matmul_ref
+from lotus_kernels.kernels.block_sparse_matmul import block_sparse_matmul_ref
 
 DEVICE = triton_device()
 # fp32 gradients vs an fp64 reference: exact-ish in the interpreter; on GPU the bound also admits TF32 (torch "high" precision).
@@ -201,7 +201,8 @@ def test_sparse_linear_triton_backend_matches_reference_and_trains(pattern_block
 def test_auto_on_cpu_keeps_the_reference_and_explicit_triton_needs_the_interpreter(monkeypatch):
     layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16)
     assert backends.select_for(layer, torch.randn(2, 64), layer.spec()).name == "dense"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # TRITON_INTERPRET is read once, at import (lotus_kernels._shared), as triton reads it.
+    monkeypatch.setattr(backends.triton, "INTERPRET", False)
     reason = dict(backends.explain(layer.spec()))["triton"]
     assert "TRITON_INTERPRET=1" in reason
     layer.backend = "triton"
@@ -220,7 +221,7 @@ def test_triton_declines_what_it_cannot_run():
 
 
 def test_auto_on_cuda_times_once_per_shape_and_keeps_the_fastest(monkeypatch):
-    monkeypatch.setattr(backends, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(backends.linear, "_AUTO_CHOICE", {})
     layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16)
 
     class FakeCudaInput:  # decision logic only: nothing runs
@@ -250,10 +251,10 @@ def test_auto_on_cuda_times_once_per_shape_and_keeps_the_fastest(monkeypatch):
 
 
 def test_auto_decisions_persist_across_processes(monkeypatch, tmp_path):
-    monkeypatch.setattr(backends, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(backends.linear, "_AUTO_CHOICE", {})
     monkeypatch.setenv("LOTUS_AUTO_CACHE", "1")
     monkeypatch.setenv("LOTUS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(backends, "_device_key", lambda device: "Fake GPU | versions")
+    monkeypatch.setattr(backends.linear, "_device_key", lambda device: "Fake GPU | versions")
     layer = SparseLinear.from_dense(torch.nn.Linear(64, 64), "block", sparsity=0.5, block_size=16)
 
     class FakeCudaInput:
@@ -272,12 +273,12 @@ def test_auto_decisions_persist_across_processes(monkeypatch, tmp_path):
     (entry,) = saved.values()
     assert entry == {"choice": "triton", "times_ms": {"triton": 1.0, "dense": 2.0}}
     # A "new process": the in-memory cache is empty, the file answers without timing.
-    backends._AUTO_CHOICE.clear()
+    backends.linear._AUTO_CHOICE.clear()
     assert backends.select_for(layer, FakeCudaInput(), spec, timer).name == "triton"
     assert timed == ["triton", "dense"]
     # A corrupt file is measured again, not fatal.
     (tmp_path / "auto_choices.json").write_text("{not json")
-    backends._AUTO_CHOICE.clear()
+    backends.linear._AUTO_CHOICE.clear()
     assert backends.select_for(layer, FakeCudaInput(), spec, timer).name == "triton"
     assert len(timed) == 4
 
@@ -391,7 +392,7 @@ import itertools, sys
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from lotus_kernels.triton import block_sparse_matmul as k
+from lotus_kernels.kernels import block_sparse_matmul as k
 
 matmul_args = ["x_ptr", "values_ptr", "crow_ptr", "col_ptr", "source_ptr", "row_order_ptr", "bias_ptr", "y_ptr", "pre_ptr"]
 ints = ["M", "stride_xm", "stride_xk", "stride_ym", "stride_yn", "M_BUCKET", "N", "K", "NNZ_BUCKET"]
@@ -429,7 +430,7 @@ def test_gpu_path_compiles_for_sm80_and_sm90():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sdd_split_over_m_sums_the_same_gradient(dtype):
     # Few blocks and a long M: programs share each block's rows, fp32 partials summed once.
-    from lotus_kernels.triton import block_sparse_matmul as k
+    from lotus_kernels.kernels import block_sparse_matmul as k
 
     g = torch.Generator().manual_seed(0)
     m, n, kk, b = 600, 32, 64, 16
@@ -449,7 +450,7 @@ def test_sdd_split_over_m_sums_the_same_gradient(dtype):
 
 
 def test_sdd_splits_fill_the_gpu_only_when_blocks_are_few(monkeypatch):
-    from lotus_kernels.triton import block_sparse_matmul as k
+    from lotus_kernels.kernels import block_sparse_matmul as k
 
     class H100:
         multi_processor_count = 132

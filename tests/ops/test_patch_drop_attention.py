@@ -15,7 +15,7 @@ import torch
 from conftest import compile_for_gpu, triton_device
 
 from lotus_kernels import ops
-from lotus_kernels.triton.patch_drop_attention import patch_drop_attention_ref
+from lotus_kernels.kernels.patch_drop_attention import patch_drop_attention_ref
 
 DEVICE = triton_device()
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="TRITON_INTERPRET=0 needs a CUDA device")
@@ -324,7 +324,9 @@ def test_bad_arguments_raise():
 
 
 def test_triton_on_plain_cpu_is_refused(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from lotus_kernels.backends import attention
+
+    monkeypatch.setattr(attention, "INTERPRET", False)  # read once, at import, as triton reads it
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         ops.patch_drop_attention(torch.randn(1, 5, 3 * 16), None, 1, backend="triton")
 
@@ -360,7 +362,7 @@ AOT_SCRIPT = r"""
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from lotus_kernels.triton import patch_drop_attention as k
+from lotus_kernels.kernels import patch_drop_attention as k
 
 # The most dynamic shared memory one block may use (opt-in): A100 163 KiB, H100 227 KiB.
 SMEM = {80: 166912, 90: 232448}

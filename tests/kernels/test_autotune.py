@@ -13,7 +13,7 @@ import pytest
 from lotus_kernels.backends import rows_bucket
 
 INSPECT = """
-from lotus_kernels.triton import block_sparse_matmul as k, patch_drop_attention as a
+from lotus_kernels.kernels import block_sparse_matmul as k, patch_drop_attention as a
 for name, f in (("matmul", k._matmul), ("sdd", k._sdd), ("fwd", a._fwd), ("dkdv", a._bwd_dkdv), ("dq", a._bwd_dq)):
     print(name, len(f.configs), ",".join(f.keys), [str(c) for c in f.configs][0].replace(" ", ""))
 """
@@ -27,9 +27,9 @@ def autotuners(mode: str) -> dict[str, tuple[int, str, str]]:
 
 
 def test_full_quick_and_off_tune_over_all_a_few_and_one_config():
-    from lotus_kernels.triton import _common
-    from lotus_kernels.triton import block_sparse_matmul as k
-    from lotus_kernels.triton import patch_drop_attention as a
+    from lotus_kernels.kernels import _common
+    from lotus_kernels.kernels import block_sparse_matmul as k
+    from lotus_kernels.kernels import patch_drop_attention as a
 
     full, quick, off = autotuners("full"), autotuners("quick"), autotuners("off")
     sizes = {"matmul": (k._MATMUL_CONFIGS, k._MATMUL_QUICK, k._MATMUL_OFF), "sdd": (k._SDD_CONFIGS, k._SDD_QUICK, k._SDD_OFF),
@@ -50,7 +50,7 @@ def test_full_quick_and_off_tune_over_all_a_few_and_one_config():
 
 @pytest.mark.parametrize("mode", ["full", "quick", "off"])
 def test_autotune_configs_by_mode(monkeypatch, mode):
-    from lotus_kernels.triton import _common
+    from lotus_kernels.kernels import _common
 
     monkeypatch.setattr(_common, "AUTOTUNE", mode)
     configs = ["a", "b", "c", "d"]
@@ -59,7 +59,7 @@ def test_autotune_configs_by_mode(monkeypatch, mode):
 
 def test_a_bad_mode_is_a_named_error():
     env = {**os.environ, "TRITON_INTERPRET": "0", "LOTUS_AUTOTUNE": "fastest"}
-    done = subprocess.run([sys.executable, "-c", "import lotus_kernels.triton.block_sparse_matmul"], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", "import lotus_kernels.kernels.block_sparse_matmul"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0 and "LOTUS_AUTOTUNE must be one of ('full', 'quick', 'off'), got 'fastest'" in done.stderr
     # Importing the package itself never fails: the kernels are imported when they first run.
     done = subprocess.run([sys.executable, "-c", "import lotus_kernels"], capture_output=True, text=True, env=env, timeout=300)

@@ -16,7 +16,7 @@ from conftest import triton_device
 
 from lotus_kernels import SparsityConfig, densify_, sparsify_
 from lotus_kernels.nn import SparseLinear
-from lotus_kernels.patch_dropping import (
+from lotus_kernels.nn.patch_dropping import (
     PatchDropAttention,
     PatchDropBlock,
     TicketDropout,

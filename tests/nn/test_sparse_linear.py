@@ -279,7 +279,7 @@ def test_backend_reference_and_auto():
 
 @pytest.mark.parametrize("pattern", ["2:4", "block", "unstructured"])
 def test_dense_backend_caches_the_weight_until_it_changes(pattern, monkeypatch):
-    from lotus_kernels import weight_cache
+    from lotus_kernels.ops import weight_cache
 
     layer = SparseLinear.from_dense(make_linear(), pattern, sparsity=None if pattern == "2:4" else 0.5, block_size=16, backend="dense")
     x = torch.randn(5, 96)
@@ -315,7 +315,7 @@ def test_dense_backend_caches_the_weight_until_it_changes(pattern, monkeypatch):
 
 
 def test_a_registered_backend_takes_over_auto_and_the_contract_holds(monkeypatch):
-    monkeypatch.setattr(backends, "_REGISTRY", {name: backends._REGISTRY[name] for name in ("dense", "reference")})
+    monkeypatch.setattr(backends.LINEAR, "_backends", {name: backends.LINEAR._backends[name] for name in ("dense", "reference")})
     calls = []
 
     def forward(module, x):

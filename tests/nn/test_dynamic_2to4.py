@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lotus_kernels.dynamic_2to4 import Dynamic2to4
-from lotus_kernels.mask_compaction import check_2to4_metadata, unpack_2to4_slots
+from lotus_kernels.nn.dynamic_2to4 import Dynamic2to4
+from lotus_kernels.layouts import check_2to4_metadata, unpack_2to4_slots
 from lotus_kernels.masks import nm_mask
 from lotus_kernels.nn import SparseLinear
 

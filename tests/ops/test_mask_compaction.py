@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lotus_kernels import _extension, masks, ops
-from lotus_kernels.mask_compaction import (
+from lotus_kernels.layouts import (
     bsr_to_dense_ref,
     bsr_transpose_ref,
     compress_2to4_ref,

@@ -19,9 +19,9 @@ import pytest
 import torch
 from test_bench_report import kernel_and_vit_run, write
 
-from lotus_kernels import bench_report
+from lotus_kernels.recipe.tools import bench_report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _load(name: str, path: Path, **modules):

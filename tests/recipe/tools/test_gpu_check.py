@@ -11,9 +11,9 @@ import time
 import pytest
 
 from lotus_kernels import cli
-from lotus_kernels.gpu_check import MAX_FILES, OUTPUT_FILES, run, runner, summary
-from lotus_kernels.gpu_check.pytest_progress import passed_nodeids
-from lotus_kernels.gpu_check.runner import Command, Step
+from lotus_kernels.recipe.tools.gpu_check import MAX_FILES, OUTPUT_FILES, run, runner, summary
+from lotus_kernels.recipe.tools.gpu_check.pytest_progress import passed_nodeids
+from lotus_kernels.recipe.tools.gpu_check.runner import Command, Step
 
 PY = sys.executable
 
@@ -118,7 +118,7 @@ def test_only_the_output_files_and_at_most_eight(tmp_path):
 def test_resume_keeps_earlier_records_and_a_fresh_run_replaces_them(tmp_path):
     out = tmp_path / "out"
     record = python_step("record", f"""
-        from lotus_kernels.gpu_check.runner import append_jsonl
+        from lotus_kernels.recipe.tools.gpu_check.runner import append_jsonl
         append_jsonl({str(out / 'cases.jsonl')!r}, {{"group": "x", "name": "case"}})
     """)
     run(out, budget=30, table=[record], device="cpu", echo=lambda line: None)
@@ -145,7 +145,7 @@ def _pytest(tmp_path, **env):
         def test_skips(): pytest.skip("no GPU here")
     """))
     return subprocess.run(
-        [PY, "-m", "pytest", str(tmp_path / "test_sample.py"), "-p", "lotus_kernels.gpu_check.pytest_progress", "-p", "no:cacheprovider", "-q"],
+        [PY, "-m", "pytest", str(tmp_path / "test_sample.py"), "-p", "lotus_kernels.recipe.tools.gpu_check.pytest_progress", "-p", "no:cacheprovider", "-q"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env}, timeout=120,
     )
 
@@ -212,7 +212,7 @@ def test_summary_reads_targets_speed_cusparselt_and_failures():
 
 
 def summary_deadline():
-    from lotus_kernels.gpu_check.pytest_progress import DEADLINE_REASON
+    from lotus_kernels.recipe.tools.gpu_check.pytest_progress import DEADLINE_REASON
 
     return DEADLINE_REASON
 

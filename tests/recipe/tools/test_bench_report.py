@@ -1,4 +1,4 @@
-"""Benchmark reports and the regression guard (lotus_kernels.bench_report, `lotus bench-report`), on fake
+"""Benchmark reports and the regression guard (lotus_kernels.recipe.tools.bench_report, `lotus bench-report`), on fake
 pytest-benchmark documents: CPU only, no timing."""
 
 import json
@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from lotus_kernels import bench_report, cli
+from lotus_kernels import cli
+from lotus_kernels.recipe.tools import bench_report
 
 H100 = "NVIDIA H100 80GB HBM3"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lotus_kernels import SparseLinear, backends, cusparselt, weight_cache
+import lotus_kernels
+
+from lotus_kernels import SparseLinear, backends
+from lotus_kernels.backends import cusparselt as cusparselt_backend
+from lotus_kernels.ops import cusparselt, weight_cache
 from lotus_kernels.backends import LayerSpec
 
 
@@ -77,7 +81,7 @@ def test_forward_and_backward_match_the_reference(fake, monkeypatch, config, m, 
     ours, ref = layer_pair(k, n, bias, activation)
     x = torch.randn(m, k, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    y = cusparselt.cusparselt_linear(ours, x)
+    y = cusparselt_backend.cusparselt_linear(ours, x)
     y_ref = ref(x_ref)
     assert y.shape == (m, n)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -99,13 +103,13 @@ def test_the_default_calls_the_library_as_torchs_semi_structured_path_does(fake)
     ours, ref = layer_pair(64, 32)
     for m in (5, 8, 13):
         x = torch.randn(m, 64)
-        torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cusparselt_backend.cusparselt_linear(ours, x), ref(x), rtol=1e-5, atol=1e-5)
     assert fake.searched == 0
     assert fake.calls == [{"alg_id": 0, "transpose_result": False, "dense_is_view_of_row_major": True}] * 3
 
 
 def test_auto_races_cusparselt_only_in_a_proven_configuration(monkeypatch):
-    (backend,) = [b for b in backends._REGISTRY.values() if b.name == "cusparselt"]
+    (backend,) = [b for b in backends.LINEAR._backends.values() if b.name == "cusparselt"]
     spec = LayerSpec("2:4", torch.device("cuda"), torch.float16, None, (64, 64))
     for name, proven in (("torch", True), ("transposed", False), ("searched", False)):
         monkeypatch.setattr(cusparselt, "_CONFIG", cusparselt.CONFIGS[name])
@@ -131,9 +135,9 @@ def test_the_configuration_comes_from_the_environment_and_a_bad_one_never_breaks
     import sys
 
     script = (
-        "import torch; from lotus_kernels import cusparselt, SparseLinear; from lotus_kernels.backends import LayerSpec\n"
+        "import torch; from lotus_kernels import SparseLinear; from lotus_kernels.ops import cusparselt; from lotus_kernels.backends import LayerSpec, cusparselt as cusparselt_backend\n"
         "c = cusparselt.call_config(); print(c.name if c else 'off')\n"
-        "print(cusparselt.why_not(LayerSpec('2:4', torch.device('cuda'), torch.float16, None, (64, 64))) if c is None else '')\n"
+        "print(cusparselt_backend.why_not(LayerSpec('2:4', torch.device('cuda'), torch.float16, None, (64, 64))) if c is None else '')\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**__import__("os").environ, "LOTUS_CUSPARSELT": value})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -149,7 +153,7 @@ def test_the_configuration_comes_from_the_environment_and_a_bad_one_never_breaks
 def test_leading_dims_and_noncontiguous_input(fake):
     ours, ref = layer_pair(64, 48)
     x = torch.randn(2, 64, 5).transpose(1, 2)  # [2, 5, 64], not contiguous
-    torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cusparselt_backend.cusparselt_linear(ours, x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_once_until_the_weights_change_and_search_once_per_row_bucket(searched):
@@ -157,15 +161,15 @@ def test_packed_once_until_the_weights_change_and_search_once_per_row_bucket(sea
     ours, _ = layer_pair(64, 32)
     with torch.no_grad():
         for m in (3, 4, 3):  # one row bucket (<= 4)
-            cusparselt.cusparselt_linear(ours, torch.randn(m, 64))
+            cusparselt_backend.cusparselt_linear(ours, torch.randn(m, 64))
         assert (fake.compressed, fake.searched) == (1, 1)
-        cusparselt.cusparselt_linear(ours, torch.randn(5, 64))  # bucket <= 8
+        cusparselt_backend.cusparselt_linear(ours, torch.randn(5, 64))  # bucket <= 8
         assert (fake.compressed, fake.searched) == (1, 2)
-    cusparselt.cusparselt_linear(ours, torch.randn(3, 64)).sum().backward()
+    cusparselt_backend.cusparselt_linear(ours, torch.randn(3, 64)).sum().backward()
     torch.optim.SGD(ours.parameters(), lr=0.1).step()
     x = torch.randn(3, 64)
     with torch.no_grad():
-        y = cusparselt.cusparselt_linear(ours, x)
+        y = cusparselt_backend.cusparselt_linear(ours, x)
     assert fake.compressed == 2  # repacked after the step, and the result uses the new weights
     torch.testing.assert_close(y, F.linear(x, ours.to_dense(), ours.bias), rtol=1e-5, atol=1e-5)
     # Pruned weights stayed exactly zero through the step.
@@ -179,7 +183,7 @@ def test_a_failing_search_falls_back_to_the_default_algorithm(searched, monkeypa
     monkeypatch.setattr(cusparselt, "_search", broken)
     ours, ref = layer_pair(64, 32)
     x = torch.randn(7, 64)
-    torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cusparselt_backend.cusparselt_linear(ours, x), ref(x), rtol=1e-5, atol=1e-5)
     assert list(cusparselt._ALG_IDS.values()) == [0]
 
 
@@ -192,7 +196,7 @@ def test_the_custom_op_passes_opcheck(fake):
 
 def test_why_not():
     def reason(pattern="2:4", device="cuda", dtype=torch.float16, features=(64, 64)):
-        return cusparselt.why_not(LayerSpec(pattern, torch.device(device), dtype, None, features))
+        return cusparselt_backend.why_not(LayerSpec(pattern, torch.device(device), dtype, None, features))
 
     assert "'2:4' only" in reason(pattern="block")
     assert "CUDA" in reason(device="cpu")
@@ -216,8 +220,8 @@ def test_explicit_backend_on_cpu_says_why():
 @pytest.mark.parametrize("m", [1, 3, 65])
 @pytest.mark.parametrize("k,n", [(64, 32), (192, 96)])
 def test_cuda_matches_the_reference(dtype, m, k, n):
-    if cusparselt.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (n, k))):
-        pytest.skip(cusparselt.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (n, k))))
+    if cusparselt_backend.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (n, k))):
+        pytest.skip(cusparselt_backend.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (n, k))))
     torch.manual_seed(0)
     linear = torch.nn.Linear(k, n).to("cuda", dtype)
     ours = SparseLinear.from_dense(linear, "2:4", backend="cusparselt", activation="gelu")
@@ -239,10 +243,10 @@ def test_cuda_matches_the_reference(dtype, m, k, n):
 def test_cuda_rows_not_a_multiple_of_8_16_64_and_several_of_one_bucket(dtype):
     # Where fp16 crashed an H200 (ViT-B fc1, M=1581) under the old call: rows that are not multiples of 8, 16, 64,
     # and several row counts of one power-of-two bucket, each checked against fp64 (error <= 2x torch's + atol).
-    from lotus_kernels.gpu_check.steps import PROBE_ROWS
+    from lotus_kernels.recipe.tools.gpu_check.steps import PROBE_ROWS
 
-    if cusparselt.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (3072, 768))):
-        pytest.skip(cusparselt.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (3072, 768))))
+    if cusparselt_backend.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (3072, 768))):
+        pytest.skip(cusparselt_backend.why_not(LayerSpec("2:4", torch.device("cuda"), dtype, None, (3072, 768))))
     assert any(m % 8 for m in PROBE_ROWS) and any(m % 16 for m in PROBE_ROWS if m % 8 == 0)
     assert any(m % 64 for m in PROBE_ROWS if m % 16 == 0) and len({backends.rows_bucket(m) for m in PROBE_ROWS}) < len(PROBE_ROWS)
     torch.manual_seed(0)
@@ -265,7 +269,7 @@ def test_cuda_rows_not_a_multiple_of_8_16_64_and_several_of_one_bucket(dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_cuda_compiles_without_graph_breaks_packs_once_and_follows_updates(mode, monkeypatch):
-    if cusparselt.why_not(LayerSpec("2:4", torch.device("cuda"), torch.float16, None, (64, 64))):
+    if cusparselt_backend.why_not(LayerSpec("2:4", torch.device("cuda"), torch.float16, None, (64, 64))):
         pytest.skip("no cuSPARSELt here")
     calls = []
     compress = cusparselt._compress
@@ -287,10 +291,10 @@ def test_backward_and_packing_never_sync_with_the_host(fake, monkeypatch):
     def synchronising_decompress(*args, **kwargs):
         raise AssertionError("ops.decompress_2to4 called on the training path")
 
-    monkeypatch.setattr(cusparselt.ops, "decompress_2to4", synchronising_decompress)
+    monkeypatch.setattr(lotus_kernels.ops, "decompress_2to4", synchronising_decompress)
     ours, ref = layer_pair(64, 32)
     x = torch.randn(5, 64, requires_grad=True)
-    y = cusparselt.cusparselt_linear(ours, x)
+    y = cusparselt_backend.cusparselt_linear(ours, x)
     y.backward(torch.ones_like(y))
     ref(x.detach()).sum().backward()
     torch.testing.assert_close(ours.values.grad, ref.values.grad, rtol=1e-5, atol=1e-5)
@@ -309,8 +313,8 @@ def test_a_searched_algorithm_an_other_row_count_refuses_falls_back_to_the_defau
     monkeypatch.setattr(cusparselt, "_sparse_mm", picky_mm)
     ours, ref = layer_pair(64, 32)
     x32, x20 = torch.randn(32, 64), torch.randn(20, 64)  # one rows bucket (32): one search, one alg_id; 20 pads to 24
-    torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x32), ref(x32), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cusparselt.cusparselt_linear(ours, x20), ref(x20), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cusparselt_backend.cusparselt_linear(ours, x32), ref(x32), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cusparselt_backend.cusparselt_linear(ours, x20), ref(x20), rtol=1e-5, atol=1e-5)
     assert fake.searched == 1 and used == [3, 3, 0]
 
 
@@ -325,7 +329,7 @@ class Wrapped(torch.nn.Module):
         self.layer = layer
 
     def forward(self, x):
-        return cusparselt.cusparselt_linear(self.layer, x)
+        return cusparselt_backend.cusparselt_linear(self.layer, x)
 
 
 @pytest.mark.parametrize("config", ["torch", "searched"])
@@ -367,7 +371,7 @@ def test_autocast_packs_the_cast_weight_once(fake):
     ours, ref = layer_pair(64, 32)
     x = torch.randn(5, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ys = [cusparselt.cusparselt_linear(ours, x) for _ in range(3)]
+        ys = [cusparselt_backend.cusparselt_linear(ours, x) for _ in range(3)]
         y_ref = ref(x)
     assert ys[0].dtype == torch.bfloat16 and fake.compressed == 1
     torch.testing.assert_close(ys[-1].float(), y_ref.float(), rtol=2e-2, atol=2e-2)

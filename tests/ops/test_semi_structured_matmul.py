@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import assert_compiled_backward_matches_eager, strided, compile_for_gpu, triton_device
 
 from lotus_kernels import SparseLinear, masks, ops
-from lotus_kernels.triton.semi_structured_matmul import semi_structured_matmul_ref
+from lotus_kernels.kernels.semi_structured_matmul import semi_structured_matmul_ref
 
 DEVICE = triton_device()
 FP32_TOL = 1e-4 if DEVICE == "cpu" else 2e-2
@@ -188,7 +188,7 @@ import itertools
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from lotus_kernels.triton import semi_structured_matmul as s
+from lotus_kernels.kernels import semi_structured_matmul as s
 
 # fp32 compiles twice: "ieee" is the default (torch's "highest" fp32 matmul
 # precision), "tf32" follows torch.set_float32_matmul_precision("high").
