@@ -17,10 +17,6 @@ from ..layouts import bsr_row_indices, bsr_transpose_structure, check_bsr_struct
 from . import weight_cache
 from ._common import CHECKED, check_on_device_of_x, check_tensor, grad_before_activation
 
-
-# ---------------------------------------------------------------------------
-# block-sparse matmul (Triton): custom ops with fakes and autograd
-# ---------------------------------------------------------------------------
 # The kernels live in lotus_kernels/kernels/block_sparse_matmul.py and are
 # imported when an op first runs, so importing lotus_kernels does not import
 # triton. Structure tensors (the BSR triple, its transpose and block rows) are

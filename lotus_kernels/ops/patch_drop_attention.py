@@ -20,9 +20,6 @@ from ..backends.registry import ATTENTION, AttentionSpec
 from ._common import check_tensor
 
 
-# ---------------------------------------------------------------------------
-# patch-dropping attention (Triton): custom ops with fakes and autograd
-# ---------------------------------------------------------------------------
 # qkv travels as the 5-d view [B, N, 3, H, D] of timm's fused projection
 # (no copy); keep_idx is [B, K] int32 with trailing -1 padding, or empty for
 # "every token" (the kernels then skip the index loads); counts [B] int32

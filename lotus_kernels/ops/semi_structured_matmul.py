@@ -17,11 +17,6 @@ from . import weight_cache
 from ._common import CHECKED, check_on_device_of_x, check_tensor, grad_before_activation
 
 
-# ---------------------------------------------------------------------------
-# 2:4 semi-structured matmul (Triton): custom ops with fakes and autograd
-# ---------------------------------------------------------------------------
-
-
 def _ss_kernels():
     from ..kernels import semi_structured_matmul
 
@@ -123,12 +118,13 @@ def semi_structured_matmul(
     check_on_device_of_x("semi_structured_matmul", x, {"values": values, "metadata": metadata, "bias": bias})
     if not torch.compiler.is_compiling():
         # A code with i0 >= i1 would place two values in one slot (y silently wrong). Checked
-        # once per metadata state, as the block structure is (see "Validation" above).
+        # once per metadata state, as the block structure is (ops.block_sparse_matmul, "Validation").
         _check_metadata_once(metadata, k)
     lead = x.shape[:-1]
     store_pre = activation == "gelu" and torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
     y, _ = _semi_structured_matmul(x.reshape(-1, k), values, metadata, bias, activation, store_pre)
     return y.reshape(*lead, n)
+
 
 def _check_metadata_once(metadata: torch.Tensor, in_features: int) -> None:
     def check() -> torch.Tensor:
