@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from lotus_kernels import bench_report, cli
+from lotus_kernels import bench_report
+from lotus_kernels.recipe import cli
 
 H100 = "NVIDIA H100 80GB HBM3"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@
 The LOTUS paper's combined run (data lottery tickets + Instant Soup Pruning)
 fell to ~50% on CIFAR-10, "attributed to pruning removing weights the tickets
 need"; no code was published. Each variant here changes one thing relative to
-our pipeline (``lotus_kernels.pipeline``), from the same dense model, the
+our pipeline (``lotus_kernels.recipe.pipeline``), from the same dense model, the
 same ticket student and the same target sparsity, so the table says which
 choice a collapse comes from:
 
@@ -38,21 +38,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import train as engine
-from .patch_dropping import disable_patch_dropping_
-from .pipeline import (
-    PipelineConfig,
-    _eval_both,
-    _stage_config,
-    _train_on_tickets,
-    instant_soup_stage,
-    ticket_stage_config,
-    train_selector_and_students,
-)
-from .pruning import essential_sparsity_sweep, hold_masks_, one_shot_masks, release_masks_
-from .pruning.masking import apply_masks_, global_sparsity, weight_sparsity
-from .report import metrics_table, plot_stage_accuracy
-from .tickets import TicketSelector, expected_random_overlap, prepare_student_, ticket_hooks, ticket_overlap
+from lotus_kernels.info import environment
+from lotus_kernels.patch_dropping import disable_patch_dropping_
+
+from .data import DeviceLoader
+from .engine.build import build_data
+from .engine.checkpoint import model_from_checkpoint
+from .engine.devices import resolve_device
+from .engine.evaluation import evaluate
+from .method.essential_sparsity import essential_sparsity_sweep, one_shot_masks
+from .method.masking import apply_masks_, global_sparsity, hold_masks_, release_masks_, weight_sparsity
+from .method.tickets import TicketSelector, expected_random_overlap, prepare_student_, ticket_hooks, ticket_overlap
+from .pipeline import PipelineConfig, train_selector_and_students
+from .reporting.plots import plot_stage_accuracy
+from .reporting.report import metrics_table
+from .stages import evaluate_both, stage_config, train_on_tickets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,7 @@ def run_ablation(config: PipelineConfig | None, out_dir, *, from_run=None, varia
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = config.train_config
-    train_set, eval_sets = engine.build_data(base)
+    train_set, eval_sets = build_data(base)
     test_set = eval_sets["test"]
     val_set = eval_sets.get("val", test_set)
     mode, keep = config.ticket_mode, config.keep_ratio
@@ -155,8 +155,8 @@ def run_ablation(config: PipelineConfig | None, out_dir, *, from_run=None, varia
 
     if from_run is not None:
         log(f"dense and ticket models from {from_run}")
-        dense = engine.model_from_checkpoint(dense_ckpt)
-        student = prepare_student_(engine.model_from_checkpoint(tickets_ckpt), keep, mode)
+        dense = model_from_checkpoint(dense_ckpt)
+        student = prepare_student_(model_from_checkpoint(tickets_ckpt), keep, mode)
         selector = TicketSelector(dense, keep, config.ticket_layer)
         hooks = ticket_hooks(selector, mode, train_set=train_set)
     else:
@@ -164,15 +164,13 @@ def run_ablation(config: PipelineConfig | None, out_dir, *, from_run=None, varia
         dense_run, selector, hooks, tickets_run, _ = train_selector_and_students(config, out, train_set, test_set, log)
         dense, student = dense_run.model, tickets_run.model
 
-    from .info import environment
-
     summary: dict = {
         "dataset": base.dataset, "model": base.model, "keep_ratio": keep, "target_sparsity": config.target_sparsity,
-        "from_run": None if from_run is None else str(from_run), "environment": environment(engine._resolve_device(base.device, None)),
+        "from_run": None if from_run is None else str(from_run), "environment": environment(resolve_device(base.device, None)),
         "config": config.to_dict(), "rows": [],
     }
-    dense_acc = engine.evaluate(dense, test_set, amp=base.amp)["acc"]
-    student_acc = _eval_both(student, test_set, hooks, base.amp)
+    dense_acc = evaluate(dense, test_set, amp=base.amp)["acc"]
+    student_acc = evaluate_both(student, test_set, hooks, base.amp)
     summary["reference"] = {"dense": {"acc_all_patches": dense_acc}, "tickets": student_acc}
     log(f"dense {dense_acc:.4f}; ticket student {student_acc['acc_all_patches']:.4f} all patches, {student_acc['acc_tickets']:.4f} on tickets")
 
@@ -191,15 +189,15 @@ def run_ablation(config: PipelineConfig | None, out_dir, *, from_run=None, varia
         elif v.isp_on_tickets:
             # The student keeps its patch dropping so that ingredients train, and rounds are judged, on tickets.
             on_tickets = hooks[2]
-            evaluate = lambda m: engine.evaluate(m, val_set, amp=base.amp, token_hook=on_tickets)["acc"]  # noqa: E731
-            masks = instant_soup_stage(model, config, train_set, evaluate, knee, token_hook=on_tickets).masks
+            accuracy = lambda m: evaluate(m, val_set, amp=base.amp, token_hook=on_tickets)["acc"]  # noqa: E731
+            masks = config.instant_soup.run(model, train_set, accuracy, base, knee=knee, token_hook=on_tickets).masks
         else:
-            masks = instant_soup_stage(disable_patch_dropping_(model), config, train_set, val_set, knee).masks
+            masks = config.instant_soup.run(disable_patch_dropping_(model), train_set, val_set, base, knee=knee).masks
         pruned[v.pruned_key] = (disable_patch_dropping_(model), masks)
         return model, masks
 
     histories: dict[str, list] = {}
-    ft = ticket_stage_config(config)
+    ft = config.ticket_config
     for i, name in enumerate(names, 1):
         v = VARIANTS[name]
         log(f"[{i}/{len(names)}] {name}: {v.description}")
@@ -215,11 +213,11 @@ def run_ablation(config: PipelineConfig | None, out_dir, *, from_run=None, varia
             epochs = config.finetune_epochs + (config.ticket_epochs if v.source == "dense" else 0)
             hold_masks_(model, masks)
             prepare_student_(model, keep, mode)
-            run = _train_on_tickets(_stage_config(ft, epochs=epochs), out / name, model, vhooks, test_set, log)
+            run = train_on_tickets(stage_config(ft, epochs=epochs), out / name, model, vhooks, test_set, log)
             histories[name] = run.history
             model = release_masks_(disable_patch_dropping_(run.model))
         prepare_student_(model, keep, mode)
-        acc = _eval_both(model, test_set, vhooks, base.amp)
+        acc = evaluate_both(model, test_set, vhooks, base.amp)
         summary["rows"].append({
             "variant": name, **dataclasses.asdict(v), "recovery_epochs": epochs,
             "mask_sparsity": global_sparsity(masks), "weight_sparsity": weight_sparsity(model), **acc,
@@ -242,8 +240,6 @@ def run_ablation(config: PipelineConfig | None, out_dir, *, from_run=None, varia
 @torch.no_grad()
 def _selector_overlap(a: TicketSelector, b: TicketSelector, dataset, limit: int = 2000, batch_size: int = 250) -> float:
     """Mean fraction of a's tickets that b also picks, over the first ``limit`` images of ``dataset`` (un-augmented)."""
-    from .data import DeviceLoader
-
     device = next(a.model.parameters()).device
     b.to(device)
     seen, total = 0, 0.0

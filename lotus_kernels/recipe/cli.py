@@ -1,4 +1,4 @@
-"""The ``lotus`` command (also ``python -m lotus_kernels``).
+"""The ``lotus`` command (also ``python -m lotus_kernels``; ``lotus_kernels.recipe.cli:main``).
 
     lotus train  [--config FILE.yaml|.json] [--data synthetic|cifar10] [--preset micro|lite|tiny|small | --model TIMM]
                  [--epochs N] [--batch-size N] [--pretrained] [--init-from FILE] [--set key=value ...]
@@ -44,7 +44,7 @@ DEMO_PIPELINE = {
         "epochs": 6, "batch_size": 64, "lr": 2e-3, "warmup_epochs": 0.5, "progress": False,
     },
     "ticket_epochs": 2, "finetune_epochs": 2, "target_sparsity": 0.5, "es_sparsities": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-    "isp_ingredients": 3, "isp_subset_fraction": 0.1, "isp_lr": 5e-4, "patterns": ["unstructured", "2:4"], "timing_batch": 64,
+    "ingredients": 3, "subset_fraction": 0.1, "isp_lr": 5e-4, "patterns": ["unstructured", "2:4"], "timing_batch": 64,
 }
 
 
@@ -90,7 +90,7 @@ def load_config_file(path) -> dict:
     return data
 
 
-# --preset short names -> lotus_kernels.train.PRESETS entries.
+# --preset short names -> engine.presets.PRESETS entries.
 PRESET_ALIASES = {"micro": "vit_micro_cifar", "lite": "vit_lite_cifar", "tiny": "vit_tiny_cifar", "small": "vit_small_cifar"}
 
 
@@ -116,13 +116,14 @@ PROFILES = ("auto", "quick", "fast", "full")
 
 def apply_profile(profile: str, fields: dict) -> dict:
     """``fields`` completed by the training profile: "quick" fills every field the user did not
-    give from ``train.quick_recipe()`` (about a minute on a CPU); "fast" from ``train.fast_recipe()``
+    give from ``engine.presets.quick_recipe()`` (about a minute on a CPU); "fast" from ``engine.presets.fast_recipe()``
     (CIFAR-10 accuracy per second on a GPU: vit_lite_cifar, batch 512, compiled step, EMA, flip TTA);
     "full" leaves TrainConfig's defaults; "auto" is "quick" for the synthetic set on a CPU, "fast"
     for CIFAR-10 on a CUDA device, and "full" otherwise. Prints what it filled."""
     import torch
 
-    from .train import TrainConfig, fast_recipe, quick_recipe
+    from .engine.presets import fast_recipe, quick_recipe
+    from .engine.train_config import TrainConfig
 
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
@@ -147,8 +148,9 @@ def default_run_dir(config) -> Path:
 
 
 def _train(args) -> int:
-    from .report import write_report
-    from .train import TrainConfig, train
+    from .engine.loop import train
+    from .engine.train_config import TrainConfig
+    from .reporting.report import write_report
 
     overrides = parse_overrides(args.set)
     if args.resume:
@@ -173,7 +175,9 @@ def _train(args) -> int:
 
 def _eval_model(path: Path, overrides: dict):
     """(model, TrainConfig for the data) of a checkpoint (.pt) or a sparse safetensors file (lotus export / save_sparse)."""
-    from .train import TrainConfig, build_model, load_checkpoint, model_from_checkpoint
+    from .engine.build import build_model
+    from .engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from .engine.train_config import TrainConfig
 
     if path.is_dir():
         raise ValueError(f"--checkpoint {path} is a folder; give a checkpoint file such as {path / 'checkpoints' / 'last.pt'} or a .safetensors export")
@@ -181,7 +185,7 @@ def _eval_model(path: Path, overrides: dict):
         checkpoint = load_checkpoint(path)
         config = TrainConfig.from_dict({**checkpoint["config"], **overrides})
         return model_from_checkpoint(path), config  # sparsified models come back with their SparseLinear layers
-    from .serialization import load_sparse, read_header
+    from lotus_kernels.serialization import load_sparse, read_header
 
     header = read_header(path)
     if "train_config" in header:  # lotus export: the run's own config says how to build the model and the data
@@ -193,7 +197,8 @@ def _eval_model(path: Path, overrides: dict):
 
 
 def _eval(args) -> int:
-    from .train import build_data, evaluate
+    from .engine.build import build_data
+    from .engine.evaluation import evaluate
 
     path = Path(args.checkpoint)
     model, config = _eval_model(path, parse_overrides(args.set))
@@ -212,20 +217,20 @@ def _eval(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import write_report
+    from .reporting.report import write_report
 
     print(write_report(args.run_dir))
     return 0
 
 
 def _info(args) -> int:
-    from .info import main as info_main
+    from lotus_kernels.info import main as info_main
 
     return info_main(["--json"] if args.json else [])
 
 
 def _bench_report(args) -> int:
-    from .bench_report import run
+    from lotus_kernels.bench_report import run
 
     return run(
         args.files, out=args.out, compare=args.compare, threshold=args.threshold, baseline_dir=args.baseline_dir,
@@ -288,15 +293,17 @@ def _ablate(args) -> int:
 def _tickets(args) -> int:
     import copy
 
-    from .pipeline import _stage_config, _train_on_tickets
-    from .tickets import TicketSelector, prepare_student_, ticket_hooks
-    from .train import TrainConfig, build_data, load_checkpoint, model_from_checkpoint
+    from .engine.build import build_data
+    from .engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from .engine.train_config import TrainConfig
+    from .method.tickets import TicketSelector, prepare_student_, ticket_hooks
+    from .stages import stage_config, train_on_tickets
 
     if not 0 < args.keep_ratio <= 1:
         raise ValueError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
     checkpoint = load_checkpoint(args.checkpoint)
     config = TrainConfig.from_dict({**checkpoint["config"], **parse_overrides(args.set)})
-    config = _stage_config(config, epochs=args.epochs, warmup_epochs=0.0, init_from=None)
+    config = stage_config(config, epochs=args.epochs, warmup_epochs=0.0, init_from=None)
     dense = model_from_checkpoint(args.checkpoint)
     selector = TicketSelector(dense, args.keep_ratio, args.layer if args.layer == "rollout" else int(args.layer)) if args.mode != "random" else None
     student = prepare_student_(copy.deepcopy(dense), args.keep_ratio, args.mode)
@@ -307,7 +314,7 @@ def _tickets(args) -> int:
     if args.resume and not (out / "checkpoints" / "last.pt").exists():
         raise ValueError(f"--resume but --out {out} holds no run ({out / 'checkpoints' / 'last.pt'} does not exist)")
     hooks = ticket_hooks(selector, args.mode, train_set=train_set)
-    result = _train_on_tickets(config, out, student, hooks, eval_sets["test"], print, resume=args.resume)
+    result = train_on_tickets(config, out, student, hooks, eval_sets["test"], print, resume=args.resume)
     print(json.dumps({k: result.history[-1].get(k) for k in ("epoch", "test_acc", "test_tickets_acc")}))
     print(f"lotus tickets: run in {out}", file=sys.stderr)
     return 0
@@ -351,8 +358,8 @@ def _finetune(args) -> int:
 
 
 def _export(args) -> int:
-    from .pipeline import export_safetensors
-    from .train import load_checkpoint, model_from_checkpoint
+    from .engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from .stages import export_safetensors
 
     checkpoint = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(args.checkpoint)
@@ -378,7 +385,7 @@ def _add_train_flags(parser) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from lotus_kernels import __version__
 
     return __version__
 
@@ -402,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--profile", choices=PROFILES, default="auto",
         help="fills the fields not given. quick: a one-minute CPU recipe; fast: CIFAR-10 accuracy per second on a GPU "
-        "(train.fast_recipe: vit_lite_cifar, batch 512, compiled step, EMA, flip TTA); full: TrainConfig's defaults; "
+        "(engine.presets.fast_recipe: vit_lite_cifar, batch 512, compiled step, EMA, flip TTA); full: TrainConfig's defaults; "
         "auto (default): quick for the synthetic set on a CPU, fast for CIFAR-10 on CUDA, else full",
     )
     train.set_defaults(func=_train)
@@ -453,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(ablate)
     ablate.add_argument("--from", dest="from_run", metavar="RUN", help="a `lotus pipeline` run folder: reuse its dense and ticket models and settings")
     ablate.add_argument("--demo", action="store_true", help="start from the pipeline demo settings (synthetic data)")
-    ablate.add_argument("--variants", nargs="+", metavar="NAME", help="which variants (default all; see lotus_kernels.ablation.VARIANTS)")
+    ablate.add_argument("--variants", nargs="+", metavar="NAME", help="which variants (default all; see lotus_kernels.recipe.ablation.VARIANTS)")
     ablate.add_argument("--out", help="output folder (default runs/ablation-<model>-<dataset>)")
     ablate.set_defaults(func=_ablate)
 
@@ -528,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _gpu_check(args) -> int:
     import os
 
-    from .gpu_check import run
+    from lotus_kernels.gpu_check import run
 
     out = args.out or os.environ.get("OUT") or f"runs/gpu-check-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
     command = f"lotus gpu-check --budget {args.budget:g} --out {out}" + (f" --steps {' '.join(args.steps)}" if args.steps else "")

@@ -3,7 +3,7 @@
     run_pipeline(PipelineConfig(train={"model": "vit_micro_cifar", "dataset": "synthetic"}), "runs/lotus")
 
 Stages (each writes a sub-folder of ``out_dir``; report.md sums them up):
-1. ``dense``: train the dense ViT with the engine (``train.train``); it is
+1. ``dense``: train the dense ViT with the engine (``engine.train``); it is
    the selector and the starting point of everything else.
 2. ``tickets``: fine-tune a copy on its data lottery tickets (``ticket_mode``
    "online": the frozen dense selector picks each augmented batch's
@@ -24,7 +24,7 @@ Stages (each writes a sub-folder of ``out_dir``; report.md sums them up):
    dense vs sparse (vs sparse on tickets) forward passes on this device.
 
 Why the paper's combined run could collapse to ~50% and ours does not is
-measured by ``lotus ablate`` (``lotus_kernels.ablation``: eight variants of
+measured by ``lotus ablate`` (``lotus_kernels.recipe.ablation``: eight variants of
 the combination from one pipeline run). On CIFAR-10 at micro scale
 (results/cifar10-micro-cpu/ablation) the collapse is the missing recovery:
 every variant that fine-tunes on tickets with the mask held ends 1.3-1.6
@@ -45,40 +45,57 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from . import train as engine
+from lotus_kernels.info import environment
+from lotus_kernels.masks import check_sparsity
+from lotus_kernels.nn import sparsity_summary
+from lotus_kernels.patch_dropping import disable_patch_dropping_, enable_patch_dropping_, num_kept, random_patches, use_tickets
+
 from .data import resolve_cifar10_source
-from .masks import check_sparsity
-from .nn import sparsity_summary
-from .patch_dropping import disable_patch_dropping_, enable_patch_dropping_, num_kept, random_patches, use_tickets
-from .pruning import (
-    DEFAULT_SPARSITIES,
-    EssentialSparsityResult,
-    essential_sparsity_sweep,
-    hold_masks_,
-    instant_soup_prune,
-    make_train_fn,
-    one_shot_masks,
-    plot_essential_sparsity,
-    plot_instant_soup,
-    project_masks,
-    release_masks_,
-    sparsify_masked_,
+from .engine.build import build_data
+from .engine.config import Config
+from .engine.devices import resolve_device
+from .engine.train_config import TrainConfig
+from .method.essential_sparsity import DEFAULT_SPARSITIES, EssentialSparsityResult, essential_sparsity_sweep, plot_essential_sparsity
+from .method.instant_soup import plot_instant_soup
+from .method.masking import apply_masks_, global_sparsity, hold_masks_, prunable_weights, project_masks, release_masks_, sparsify_masked_
+from .method.tickets import prepare_student_
+from .reporting.plots import plot_stage_accuracy
+from .reporting.report import metrics_table
+from .stages import (
+    InstantSoupStage,
+    evaluate_both,
+    export_safetensors,
+    stage_config,
+    ticket_stage_config,
+    train_dense,
+    train_on_tickets,
+    train_students,
 )
-from .pruning.masking import apply_masks_, global_sparsity, prunable_weights
-from .report import metrics_table, plot_stage_accuracy
-from .tickets import TicketSelector, prepare_student_, ticket_hooks
 
 PATTERNS = ("unstructured", "2:4", "block")
 
 
 @dataclasses.dataclass
-class PipelineConfig:
+class PipelineConfig(Config):
     """Everything the pipeline decides. ``train``: TrainConfig fields of the dense run (the later
-    stages reuse its data and recipe with their own epochs and learning rates)."""
+    stages reuse its data and recipe with their own epochs and learning rates).
+
+    Instant Soup Pruning: ingredients, subset_fraction, prune_step, vote_threshold,
+    ingredient_epochs, isp_lr, spelled as ``lotus prune`` / ``prune_checkpoint`` spell them
+    (``stages.InstantSoupStage``); ``from_dict`` also reads the old ``isp_``-prefixed keys, so
+    pipeline_config.json files written before still load and resume.
+    """
+
+    CONFIG_NAME: ClassVar[str] = "pipeline config"
+    ALIASES: ClassVar[dict[str, str]] = {
+        "isp_ingredients": "ingredients", "isp_subset_fraction": "subset_fraction", "isp_prune_step": "prune_step",
+        "isp_vote_threshold": "vote_threshold", "isp_ingredient_epochs": "ingredient_epochs",
+    }
 
     train: dict = dataclasses.field(default_factory=dict)
     keep_ratio: float = 0.5
@@ -90,11 +107,11 @@ class PipelineConfig:
     es_sparsities: tuple = DEFAULT_SPARSITIES
     es_max_drop: float = 0.01
     target_sparsity: float = 0.5
-    isp_ingredients: int = 5
-    isp_subset_fraction: float = 0.1
-    isp_prune_step: float = 0.1
-    isp_vote_threshold: int = 1
-    isp_ingredient_epochs: int = 1
+    ingredients: int = 5
+    subset_fraction: float = 0.1
+    prune_step: float = 0.1
+    vote_threshold: int = 1
+    ingredient_epochs: int = 1
     isp_lr: float = 1e-4
     patterns: tuple = ("unstructured",)
     block_size: int = 32
@@ -119,76 +136,37 @@ class PipelineConfig:
             raise ValueError(f"patterns must be a non-empty list of {PATTERNS}, got {list(self.patterns)}")
         if "2:4" in self.patterns and self.target_sparsity != 0.5:
             raise ValueError(f"pattern '2:4' prunes exactly half the weights: use target_sparsity=0.5, got {self.target_sparsity}")
-        for name in ("ticket_epochs", "finetune_epochs", "isp_ingredient_epochs", "isp_ingredients", "timing_batch", "block_size"):
+        for name in ("ticket_epochs", "finetune_epochs", "ingredient_epochs", "ingredients", "timing_batch", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("ticket_lr_scale", "isp_lr", "es_max_drop", "isp_subset_fraction", "isp_prune_step"):
+        for name in ("ticket_lr_scale", "isp_lr", "es_max_drop", "subset_fraction", "prune_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not 1 <= self.isp_vote_threshold <= self.isp_ingredients:
-            raise ValueError(f"isp_vote_threshold must be in [1, isp_ingredients={self.isp_ingredients}], got {self.isp_vote_threshold}")
+        if not 1 <= self.vote_threshold <= self.ingredients:
+            raise ValueError(f"vote_threshold must be in [1, ingredients={self.ingredients}], got {self.vote_threshold}")
         config = self.train_config
         source = resolve_cifar10_source(config.data_path) if config.dataset == "cifar10" else None
         if source is not None and not Path(source).exists():
             raise ValueError(f"dataset 'cifar10': the data source {source!r} (data_path or $LOTUS_CIFAR10) does not exist")
 
     @property
-    def train_config(self) -> engine.TrainConfig:
-        return engine.TrainConfig.from_dict(self.train)
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.train)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "PipelineConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown pipeline config keys {unknown}; known: {sorted(names)}")
-        return cls(**d)
+    @property
+    def instant_soup(self) -> InstantSoupStage:
+        """Stage 4's settings: Instant Soup Pruning to target_sparsity."""
+        return InstantSoupStage(
+            self.target_sparsity, ingredients=self.ingredients, subset_fraction=self.subset_fraction, prune_step=self.prune_step,
+            vote_threshold=self.vote_threshold, ingredient_epochs=self.ingredient_epochs, isp_lr=self.isp_lr,
+        )
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-def _stage_config(base: engine.TrainConfig, **changes) -> engine.TrainConfig:
-    d = base.to_dict()
-    d.update(changes)
-    return engine.TrainConfig.from_dict(d)
-
-
-def _eval_both(model: nn.Module, dataset, hooks, amp: str) -> dict:
-    """Accuracy with all patches and with tickets."""
-    _, all_patches, on_tickets = hooks
-    return {
-        "acc_all_patches": engine.evaluate(model, dataset, amp=amp, token_hook=all_patches)["acc"],
-        "acc_tickets": engine.evaluate(model, dataset, amp=amp, token_hook=on_tickets)["acc"],
-    }
-
-
-def _train_on_tickets(config, out_dir, student, hooks, test_set, log, resume: bool = False) -> engine.TrainResult:
-    on_tickets, all_patches, tickets_eval = hooks
-
-    def add_ticket_accuracy(epoch, model, metrics):
-        metrics["test_tickets_acc"] = engine.evaluate(model, test_set, amp=config.amp, token_hook=tickets_eval)["acc"]
-
-    result = engine.train(
-        config, out_dir, model=student, token_hook=on_tickets, eval_token_hook=all_patches,
-        on_epoch_end=add_ticket_accuracy, **_run_mode(out_dir, resume),
-    )
-    log(f"  {out_dir.name}: test_acc {result.history[-1]['test_acc']:.4f}, on tickets {result.history[-1]['test_tickets_acc']:.4f}")
-    return result
-
-
-def _run_mode(out_dir: Path, resume: bool) -> dict:
-    """engine.train's arguments for one stage's run folder: continue it when resuming and it has a checkpoint (a
-    finished run then trains no further epoch), else start afresh over whatever is there."""
-    return {"resume": True} if resume and (Path(out_dir) / "checkpoints" / "last.pt").is_file() else {"overwrite": True}
-
-
-def ticket_stage_config(config: PipelineConfig) -> engine.TrainConfig:
-    """The recipe of every training run on tickets: the dense recipe with ticket_epochs, lr * ticket_lr_scale, no warmup."""
-    base = config.train_config
-    return _stage_config(base, epochs=config.ticket_epochs, lr=base.lr * config.ticket_lr_scale, warmup_epochs=0.0, init_from=None)
+    @property
+    def ticket_config(self) -> TrainConfig:
+        """The recipe of every training run on tickets: the dense recipe with ticket_epochs, lr * ticket_lr_scale, no warmup."""
+        return ticket_stage_config(self.train_config, self.ticket_epochs, self.ticket_lr_scale)
 
 
 def train_selector_and_students(config: PipelineConfig, out: Path, train_set, test_set, log=print, resume: bool = False):
@@ -199,41 +177,14 @@ def train_selector_and_students(config: PipelineConfig, out: Path, train_set, te
     are ``ticket_hooks(selector, config.ticket_mode)``. resume: each run
     continues from its folder's last checkpoint (a finished one trains no more).
     """
-    base = config.train_config
     log("[1/6] dense model")
-    dense_run = engine.train(base, out / "dense", **_run_mode(out / "dense", resume))
+    dense_run = train_dense(config.train_config, out / "dense", resume)
     log("[2/6] fine-tuning on data lottery tickets")
-    selector = TicketSelector(dense_run.model, config.keep_ratio, config.ticket_layer)
-    ft = ticket_stage_config(config)
-    hooks = ticket_hooks(selector, config.ticket_mode, train_set=train_set)
-    student = prepare_student_(copy.deepcopy(dense_run.model), config.keep_ratio, config.ticket_mode)
-    tickets_run = _train_on_tickets(ft, out / "tickets", student, hooks, test_set, log, resume)
-    random_run = None
-    if config.random_control:
-        control = prepare_student_(copy.deepcopy(dense_run.model), config.keep_ratio, "random")
-        random_run = _train_on_tickets(ft, out / "random", control, ticket_hooks(None, "random"), test_set, log, resume)
+    selector, hooks, tickets_run, random_run = train_students(
+        dense_run.model, config.ticket_config, out, train_set, test_set, keep_ratio=config.keep_ratio, mode=config.ticket_mode,
+        layer=config.ticket_layer, random_control=config.random_control, log=log, resume=resume,
+    )
     return dense_run, selector, hooks, tickets_run, random_run
-
-
-def instant_soup_stage(model: nn.Module, config: PipelineConfig, train_set, eval_data, knee: float, token_hook=None):
-    """Instant Soup Pruning of ``model`` (in place) to ``config.target_sparsity``, starting from the
-    one-shot mask at the Essential Sparsity ``knee`` when that is below the target.
-
-    eval_data: ImageSet or callable(model) -> accuracy (ISP's per-round
-    evaluation). token_hook: how ingredients run a batch (default: all patches).
-    """
-    base = config.train_config
-    initial = one_shot_masks(model, knee) if 0 < knee < config.target_sparsity else None
-    isp_train = make_train_fn(
-        epochs=config.isp_ingredient_epochs, batch_size=min(base.batch_size, 128), lr=config.isp_lr, amp=base.amp, seed=base.seed,
-        token_hook=token_hook, compile=base.compile, compile_mode=base.compile_mode,
-    )
-    return instant_soup_prune(
-        model, train_set,
-        {"target_sparsity": config.target_sparsity, "num_ingredients": config.isp_ingredients, "subset_fraction": config.isp_subset_fraction,
-         "prune_step": config.isp_prune_step, "vote_threshold": config.isp_vote_threshold, "finetune": False, "seed": base.seed},
-        train_fn=isp_train, eval_data=eval_data, initial_masks=initial,
-    )
 
 
 def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, hook=None) -> float:
@@ -251,25 +202,6 @@ def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5, hook=
             sync()
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
-
-
-def export_safetensors(model: nn.Module, path, metadata: dict) -> Path:
-    """The model as safetensors (SparseLinear layers compact; ``serialization.save_sparse``), ``metadata`` (the
-    training config and class count) in the header so ``load_exported`` can rebuild it."""
-    from .serialization import save_sparse
-
-    return save_sparse(model, path, metadata=metadata)
-
-
-def load_exported(path, train_config: engine.TrainConfig | None = None) -> nn.Module:
-    """Rebuild an exported model: the architecture from its recorded TrainConfig, SparseLinear layouts from the header."""
-    from .serialization import load_sparse, read_header
-
-    header = read_header(path)
-    if train_config is None and "train_config" not in header:
-        raise ValueError(f"{path} records no training config: load it with lotus_kernels.load_sparse(model_or_timm_name, path)")
-    config = train_config or engine.TrainConfig.from_dict(header["train_config"])
-    return load_sparse(engine.build_model(config, header["num_classes"]), path)
 
 
 ISP_MASKS = "instant_soup_masks.safetensors"
@@ -293,7 +225,8 @@ def _check_run_folder(out: Path, config: PipelineConfig, resume: bool, overwrite
         raise ValueError(f"{out} already holds a pipeline run: resume=True (--resume) continues it, skipping finished stages; "
                          "overwrite=True (--overwrite) starts afresh over it")
     if resume:
-        saved = json.loads(saved_path.read_text())
+        # A run saved before the ISP keys lost their isp_ prefix compares under the current names.
+        saved = PipelineConfig.renamed(json.loads(saved_path.read_text()))
         now = json.loads(json.dumps(config.to_dict()))
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
@@ -316,15 +249,13 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print, *, resume: bool = F
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline_config.json").write_text(json.dumps(config.to_dict(), indent=2))
     base = config.train_config
-    train_set, eval_sets = engine.build_data(base)
+    train_set, eval_sets = build_data(base)
     test_set = eval_sets["test"]
     val_set = eval_sets.get("val", test_set)
     num_classes = len(train_set.classes)
-    from .info import environment
-
     summary: dict = {
         "dataset": base.dataset, "model": base.model, "keep_ratio": config.keep_ratio, "rows": [], "test_images": len(test_set),
-        "environment": environment(engine._resolve_device(base.device, None)),
+        "environment": environment(resolve_device(base.device, None)),
         "config": config.to_dict(),
     }
 
@@ -334,7 +265,7 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print, *, resume: bool = F
     # 1-2. dense selector, tickets (online or fixed) and the random control
     dense_run, selector, hooks, tickets_run, random_run = train_selector_and_students(config, out, train_set, test_set, log, resume)
     dense, student, mode = dense_run.model, tickets_run.model, config.ticket_mode
-    ft = ticket_stage_config(config)
+    ft = config.ticket_config
     row("dense", {"acc_all_patches": dense_run.history[-1]["test_acc"]}, 0.0)
     row("tickets", {"acc_all_patches": tickets_run.history[-1]["test_acc"], "acc_tickets": tickets_run.history[-1]["test_tickets_acc"]}, 0.0)
     # Each stage's history, with the epochs before it: tickets (and the control) continue the dense model,
@@ -377,7 +308,7 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print, *, resume: bool = F
     else:
         from safetensors.torch import save_file
 
-        isp = instant_soup_stage(pruned, config, train_set, val_set, es.knee)
+        isp = config.instant_soup.run(pruned, train_set, val_set, base, knee=es.knee)
         isp.save_json(isp_json)
         save_file({k: v.detach().cpu().contiguous() for k, v in isp.masks.items()}, str(isp_masks))
         plot_instant_soup(isp, out / "instant_soup.png", f"Instant Soup Pruning of the ticket student to {config.target_sparsity:.0%}", split=split)
@@ -394,12 +325,12 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print, *, resume: bool = F
         hold_masks_(model, masks)
         prepare_student_(model, config.keep_ratio, mode)
         name = f"combined_{pattern.replace(':', 'of')}"
-        run = _train_on_tickets(_stage_config(ft, epochs=config.finetune_epochs), out / name, model, hooks, test_set, log, resume)
+        run = train_on_tickets(stage_config(ft, epochs=config.finetune_epochs), out / name, model, hooks, test_set, log, resume)
         model = disable_patch_dropping_(run.model)
         release_masks_(model)
         sparsify_masked_(model, masks, pattern=pattern, block_size=config.block_size)
         prepare_student_(model, config.keep_ratio, mode)
-        acc = _eval_both(model, test_set, hooks, base.amp)
+        acc = evaluate_both(model, test_set, hooks, base.amp)
         finals[pattern] = (model, masks)
         histories[f"tickets + {pattern} {config.target_sparsity:.0%}"] = (run.history, dense_epochs + ticket_epochs)
         row(f"tickets + {pattern} pruning", acc, global_sparsity(masks), "SparseLinear, compact weights")

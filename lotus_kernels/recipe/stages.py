@@ -1,4 +1,12 @@
-"""One pipeline stage as a standalone step on checkpoints: prune a trained model, fine-tune a pruned one.
+"""The recipe's stages, the public building blocks that ``pipeline``, ``ablation`` and ``cli`` compose
+(this module imports none of them):
+
+- training: ``train_dense``, ``train_students`` (the ticket student and the random control),
+  ``train_on_tickets``, ``stage_config`` / ``ticket_stage_config``, ``evaluate_both``;
+- pruning: ``InstantSoupStage`` (knee -> ingredients trained by the engine -> Instant Soup
+  Pruning, the one place this sequence is written);
+- export: ``export_safetensors`` / ``load_exported``;
+- a stage as a standalone step on checkpoints: prune a trained model, fine-tune a pruned one.
 
     prune_checkpoint("runs/dense/checkpoints/last.pt", "runs/pruned", method="instant-soup", sparsity=0.5)
     finetune_checkpoint("runs/pruned/pruned.pt", "runs/finetuned", epochs=5, keep_ratio=0.5,
@@ -6,7 +14,7 @@
 
 ``lotus prune`` and ``lotus finetune`` call these; ``run_pipeline`` runs the
 same stages back to back. Both read and write the engine's own checkpoint
-format (``lotus_kernels.train``), so their outputs go straight into
+format (``engine.checkpoint``), so their outputs go straight into
 ``lotus eval``, ``lotus export``, ``lotus tickets`` and each other.
 
 Pruning (``prune_checkpoint``), on the dense model of a checkpoint:
@@ -33,12 +41,13 @@ Fine-tuning (``finetune_checkpoint``) trains the SparseLinear model with the
 engine: pruned weights are not parameters (a SparseLinear stores only the
 kept values; its mask lives in buffers), so the mask stays fixed by
 construction. With ``keep_ratio`` it trains on data lottery tickets exactly
-as the pipeline does (``pipeline._train_on_tickets``): mode "online" or
+as the pipeline does (``train_on_tickets``): mode "online" or
 "fixed" (tickets of ``selector_checkpoint``'s dense model) or "random".
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -48,26 +57,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import train as engine
-from .info import environment
-from .masks import PATTERNS, block_shape, check_sparsity
-from .nn import SparseLinear, check_layout, sparsity_summary
-from .pruning import (
-    DEFAULT_SPARSITIES,
-    InstantSoupConfig,
-    apply_masks_,
-    essential_sparsity_sweep,
-    instant_soup_prune,
-    make_train_fn,
-    one_shot_masks,
-    plot_essential_sparsity,
-    plot_instant_soup,
-    prunable_weights,
-    sparsify_masked_,
-)
-from .tickets import MODES
+from lotus_kernels.info import environment
+from lotus_kernels.masks import PATTERNS, block_shape, check_sparsity
+from lotus_kernels.nn import SparseLinear, check_layout, sparsity_summary
 
-__all__ = ["METHODS", "ISP_STARTS", "prune_checkpoint", "finetune_checkpoint", "sparse_masks"]
+from .data import ImageSet
+from .engine import checkpoint as checkpoints
+from .engine.build import build_data, build_model
+from .engine.devices import resolve_device
+from .engine.evaluation import evaluate
+from .engine.loop import TrainResult, train
+from .engine.train_config import TrainConfig
+from .method.essential_sparsity import DEFAULT_SPARSITIES, essential_sparsity_sweep, one_shot_masks, plot_essential_sparsity
+from .method.instant_soup import InstantSoupConfig, InstantSoupResult, instant_soup_prune, make_train_fn, plot_instant_soup
+from .method.masking import apply_masks_, prunable_weights, sparsify_masked_
+from .method.tickets import MODES, TicketSelector, prepare_student_, ticket_hooks
+from .reporting.report import write_report
+
+__all__ = [
+    "METHODS",
+    "ISP_STARTS",
+    "InstantSoupStage",
+    "stage_config",
+    "ticket_stage_config",
+    "train_dense",
+    "train_on_tickets",
+    "train_students",
+    "evaluate_both",
+    "export_safetensors",
+    "load_exported",
+    "prune_checkpoint",
+    "finetune_checkpoint",
+    "sparse_masks",
+]
 
 METHODS = ("instant-soup", "one-shot", "essential")
 ISP_STARTS = ("knee", "dense")
@@ -126,49 +148,166 @@ def _eval_split(eval_sets: dict) -> str:
 def _accuracies(model: nn.Module, eval_sets: dict, amp: str, token_hook=None) -> dict:
     """{split: top-1 accuracy} on the validation split (if any) and test."""
     return {
-        name: engine.evaluate(model, eval_sets[name], amp=amp, token_hook=token_hook)["acc"]
+        name: evaluate(model, eval_sets[name], amp=amp, token_hook=token_hook)["acc"]
         for name in ("val", "test") if name in eval_sets
     }
-
-
-def _write_checkpoint(path: Path, model: nn.Module, config: engine.TrainConfig, num_classes: int, extra: dict, best: dict) -> Path:
-    """``model`` (moved to the CPU) as a checkpoint in ``train``'s format, so that
-    ``load_checkpoint`` / ``model_from_checkpoint`` / ``lotus eval`` / ``lotus export`` read it.
-
-    No optimizer, scheduler, scaler or RNG state: a pruned model starts a new
-    run (``finetune_checkpoint``), it does not resume one. extra holds JSON
-    values only (the file loads with weights_only=True).
-    """
-    import timm
-
-    model = model.to("cpu").eval()
-    state = {
-        "format": engine.CHECKPOINT_FORMAT,
-        "format_version": engine.CHECKPOINT_VERSION,
-        "model": model.state_dict(),  # SparseLinear layers in compact form, with their layouts
-        "model_source": "argument",
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "num_classes": num_classes,
-        "optimizer": None,
-        "scheduler": None,
-        "scaler": None,
-        "epoch": 0,
-        "step": 0,
-        "rng": None,
-        "config": config.to_dict(),
-        "extra": extra,
-        "history": [],
-        "best": best,
-        "world_size": 1,
-        "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
-    }
-    engine._save_checkpoint(path, state)
-    return path
 
 
 def _sweep_points(es_sparsities, upper: float) -> list[float]:
     """The es_sparsities below ``upper``, and ``upper`` itself, ascending."""
     return sorted({s for s in es_sparsities if s < upper} | {upper})
+
+
+# ---------------------------------------------------------------------------
+# building blocks (what the pipeline, the ablation and the CLI compose)
+# ---------------------------------------------------------------------------
+
+
+def stage_config(base: TrainConfig, **changes) -> TrainConfig:
+    """``base`` with ``changes`` (TrainConfig fields), validated like any config."""
+    return TrainConfig.from_dict({**base.to_dict(), **changes})
+
+
+def ticket_stage_config(base: TrainConfig, epochs: int, lr_scale: float) -> TrainConfig:
+    """The recipe of every training run on tickets: the dense recipe with ``epochs``, lr * ``lr_scale``, no warmup,
+    no init_from (the run starts from the model it is given)."""
+    return stage_config(base, epochs=epochs, lr=base.lr * lr_scale, warmup_epochs=0.0, init_from=None)
+
+
+def _run_mode(out_dir: Path, resume: bool) -> dict:
+    """train's arguments for one stage's run folder: continue it when resuming and it has a checkpoint (a
+    finished run then trains no further epoch), else start afresh over whatever is there."""
+    return {"resume": True} if resume and (Path(out_dir) / "checkpoints" / "last.pt").is_file() else {"overwrite": True}
+
+
+def train_dense(config: TrainConfig, out_dir, resume: bool = False) -> TrainResult:
+    """The dense model (the selector, and where everything else starts) trained into ``out_dir``;
+    resume: continue the folder's run if it has one (a finished one trains no more)."""
+    return train(config, out_dir, **_run_mode(out_dir, resume))
+
+
+def evaluate_both(model: nn.Module, dataset: ImageSet, hooks, amp: str) -> dict:
+    """{"acc_all_patches", "acc_tickets"}: top-1 accuracy of ``model`` with all patches and on its tickets.
+    hooks: ``ticket_hooks``'s (train hook, all-patches hook, tickets hook)."""
+    _, all_patches, on_tickets = hooks
+    return {
+        "acc_all_patches": evaluate(model, dataset, amp=amp, token_hook=all_patches)["acc"],
+        "acc_tickets": evaluate(model, dataset, amp=amp, token_hook=on_tickets)["acc"],
+    }
+
+
+def train_on_tickets(config: TrainConfig, out_dir, student: nn.Module, hooks, test_set: ImageSet, log=print, resume: bool = False) -> TrainResult:
+    """Train ``student`` (``prepare_student_``) on its tickets into ``out_dir``; each epoch is evaluated with all
+    patches (test_acc) and on tickets (test_tickets_acc). hooks: ``ticket_hooks``'s triple."""
+    on_tickets, all_patches, tickets_eval = hooks
+    out_dir = Path(out_dir)
+
+    def add_ticket_accuracy(epoch, model, metrics):
+        metrics["test_tickets_acc"] = evaluate(model, test_set, amp=config.amp, token_hook=tickets_eval)["acc"]
+
+    result = train(
+        config, out_dir, model=student, token_hook=on_tickets, eval_token_hook=all_patches,
+        on_epoch_end=add_ticket_accuracy, **_run_mode(out_dir, resume),
+    )
+    log(f"  {out_dir.name}: test_acc {result.history[-1]['test_acc']:.4f}, on tickets {result.history[-1]['test_tickets_acc']:.4f}")
+    return result
+
+
+def train_students(
+    dense: nn.Module, config: TrainConfig, out: Path, train_set: ImageSet, test_set: ImageSet, *, keep_ratio: float, mode: str,
+    layer: int | str = -1, random_control: bool = True, log=print, resume: bool = False,
+):
+    """Copies of ``dense`` fine-tuned with ``config`` on their data lottery tickets: the ticket student
+    (``out/tickets``: the frozen dense model picks them, ``mode`` "online" or "fixed") and, with
+    ``random_control``, the control on random patches of the same count (``out/random``).
+
+    Returns (selector, hooks, tickets_run, random_run or None); hooks are
+    ``ticket_hooks(selector, mode)``.
+    """
+    selector = TicketSelector(dense, keep_ratio, layer)
+    hooks = ticket_hooks(selector, mode, train_set=train_set)
+    student = prepare_student_(copy.deepcopy(dense), keep_ratio, mode)
+    tickets_run = train_on_tickets(config, out / "tickets", student, hooks, test_set, log, resume)
+    random_run = None
+    if random_control:
+        control = prepare_student_(copy.deepcopy(dense), keep_ratio, "random")
+        random_run = train_on_tickets(config, out / "random", control, ticket_hooks(None, "random"), test_set, log, resume)
+    return selector, hooks, tickets_run, random_run
+
+
+@dataclasses.dataclass(frozen=True)
+class InstantSoupStage:
+    """Instant Soup Pruning as the recipe runs it, in one place for ``prune_checkpoint``, the pipeline and
+    the ablation: from the Essential Sparsity knee's one-shot mask (when 0 < knee < target_sparsity),
+    ingredients trained by the engine (``make_train_fn``), to exactly ``target_sparsity``, without ISP's
+    own fine-tuning (the recipe fine-tunes after the pattern projection).
+
+    ingredients, subset_fraction, prune_step, vote_threshold: ``InstantSoupConfig``'s;
+    ingredient_epochs, isp_lr: each ingredient's run (``make_train_fn`` epochs and lr).
+    Construction checks them all (nothing trains before).
+    """
+
+    target_sparsity: float
+    ingredients: int = 5
+    subset_fraction: float = 0.1
+    prune_step: float = 0.1
+    vote_threshold: int = 1
+    ingredient_epochs: int = 1
+    isp_lr: float = 1e-4
+
+    def __post_init__(self):
+        self.isp_config(seed=0)  # InstantSoupConfig's checks
+
+    def isp_config(self, seed: int) -> InstantSoupConfig:
+        return InstantSoupConfig(
+            target_sparsity=self.target_sparsity, ingredients=self.ingredients, subset_fraction=self.subset_fraction,
+            prune_step=self.prune_step, vote_threshold=self.vote_threshold, finetune=False, seed=seed,
+        )
+
+    def train_fn(self, base: TrainConfig, token_hook=None):
+        """The ingredients' training: the engine in memory with ``base``'s precision, compile settings and seed,
+        batches of min(base.batch_size, 128); token_hook: how they run a batch (default all patches)."""
+        return make_train_fn(
+            epochs=self.ingredient_epochs, batch_size=min(base.batch_size, 128), lr=self.isp_lr, amp=base.amp, seed=base.seed,
+            token_hook=token_hook, compile=base.compile, compile_mode=base.compile_mode,
+        )
+
+    def starts_from_knee(self, knee: float | None) -> bool:
+        return knee is not None and 0 < knee < self.target_sparsity
+
+    def run(
+        self, model: nn.Module, train_set: ImageSet, eval_data, base: TrainConfig, *, knee: float | None = None,
+        token_hook=None, train_fn=None, on_round=None,
+    ) -> InstantSoupResult:
+        """Prune ``model`` in place (masks applied; ISP's held masks released by the caller if it wants).
+
+        eval_data: ImageSet or callable(model) -> accuracy (the rounds' measure). train_fn: default
+        ``self.train_fn(base, token_hook)``. on_round(RoundRecord): called after every round.
+        """
+        initial = one_shot_masks(model, knee) if self.starts_from_knee(knee) else None
+        return instant_soup_prune(
+            model, train_set, self.isp_config(base.seed), train_fn=train_fn or self.train_fn(base, token_hook),
+            eval_data=eval_data, initial_masks=initial, on_round=on_round,
+        )
+
+
+def export_safetensors(model: nn.Module, path, metadata: dict) -> Path:
+    """The model as safetensors (SparseLinear layers compact; ``serialization.save_sparse``), ``metadata`` (the
+    training config and class count) in the header so ``load_exported`` can rebuild it."""
+    from lotus_kernels.serialization import save_sparse
+
+    return save_sparse(model, path, metadata=metadata)
+
+
+def load_exported(path, train_config: TrainConfig | None = None) -> nn.Module:
+    """Rebuild an exported model: the architecture from its recorded TrainConfig, SparseLinear layouts from the header."""
+    from lotus_kernels.serialization import load_sparse, read_header
+
+    header = read_header(path)
+    if train_config is None and "train_config" not in header:
+        raise ValueError(f"{path} records no training config: load it with lotus_kernels.load_sparse(model_or_timm_name, path)")
+    config = train_config or TrainConfig.from_dict(header["train_config"])
+    return load_sparse(build_model(config, header["num_classes"]), path)
 
 
 # ---------------------------------------------------------------------------
@@ -238,22 +377,18 @@ def prune_checkpoint(
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop <= 1:
         raise ValueError(f"max_drop must be an accuracy fraction in [0, 1] (0.01 = 1 point), got {max_drop!r}")
     _check_choice(isp_start, "isp_start", ISP_STARTS)
-    isp_config = InstantSoupConfig(
-        target_sparsity=sparsity, num_ingredients=ingredients, subset_fraction=subset_fraction, prune_step=prune_step,
-        vote_threshold=vote_threshold, finetune=False,
+    isp = InstantSoupStage(
+        sparsity, ingredients=ingredients, subset_fraction=subset_fraction, prune_step=prune_step, vote_threshold=vote_threshold,
+        ingredient_epochs=ingredient_epochs, isp_lr=isp_lr,
     )
     overrides = _check_overrides(overrides)
     out = _check_out_dir(out_dir)
     if (out / PRUNED_NAME).exists() and not overwrite:
         raise ValueError(f"{out / PRUNED_NAME} already exists; pass overwrite=True (--overwrite) or another out_dir")
-    ckpt = engine.load_checkpoint(checkpoint)
-    config = engine.TrainConfig.from_dict({**ckpt["config"], **overrides})
-    isp_config = dataclasses.replace(isp_config, seed=config.seed)
-    isp_train = make_train_fn(
-        epochs=ingredient_epochs, batch_size=min(config.batch_size, 128), lr=isp_lr, amp=config.amp, seed=config.seed,
-        compile=config.compile, compile_mode=config.compile_mode,
-    )
-    model = engine.model_from_checkpoint(checkpoint)
+    ckpt = checkpoints.load_checkpoint(checkpoint)
+    config = TrainConfig.from_dict({**ckpt["config"], **overrides})
+    isp_train = isp.train_fn(config)
+    model = checkpoints.model_from_checkpoint(checkpoint)
     already = [name for name, m in model.named_modules() if isinstance(m, SparseLinear)]
     if already:
         raise ValueError(
@@ -268,15 +403,15 @@ def prune_checkpoint(
 
     # ------------------------------------------------------------- work
     start = time.perf_counter()
-    device = engine._resolve_device(config.device, None)
-    train_set, eval_sets = engine.build_data(config)
+    device = resolve_device(config.device, None)
+    train_set, eval_sets = build_data(config)
     eval_sets = {k: v.to(device) for k, v in eval_sets.items()}
     split = _eval_split(eval_sets)
     num_classes = len(train_set.classes)
     model.to(device)
 
     def eval_fn(m):
-        return engine.evaluate(m, eval_sets[split], amp=config.amp)["acc"]
+        return evaluate(m, eval_sets[split], amp=config.amp)["acc"]
 
     log(f"pruning {checkpoint} ({config.model}, {config.dataset}): {method} to {sparsity:.0%}, pattern {pattern}; measured on {split}")
     if split == "test":
@@ -303,13 +438,13 @@ def prune_checkpoint(
         masks = one_shot_masks(model, es.knee)
         mask_sparsity = es.knee
     else:
-        initial = one_shot_masks(model, es.knee) if es is not None and 0 < es.knee < sparsity else None
-        isp = instant_soup_prune(
-            model, train_set, isp_config, train_fn=isp_train, eval_data=eval_fn, initial_masks=initial,
+        knee = es.knee if es is not None else None
+        isp_result = isp.run(
+            model, train_set, eval_fn, config, knee=knee, train_fn=isp_train,
             on_round=lambda r: log(f"  ISP round {r.round}: sparsity {r.sparsity:.3f}, {split} acc {r.accuracy:.4f}"),
         )
-        result["instant_soup"] = {"start": "knee" if initial is not None else "dense", **isp.to_dict()}
-        masks = isp.masks
+        result["instant_soup"] = {"start": "knee" if isp.starts_from_knee(knee) else "dense", **isp_result.to_dict()}
+        masks = isp_result.masks
         mask_sparsity = sparsity
     apply_masks_(model, masks)  # zero first: a pattern projection never revives a pruned weight's old value
     if pattern != "unstructured":
@@ -321,7 +456,7 @@ def prune_checkpoint(
         # Drawn after the projection: the plot's last point is the pruned model's accuracy, not the mask's before it.
         projected = (f"after {pattern} projection", result["accuracy"]["pruned"][split]) if pattern != "unstructured" else None
         plot = plot_instant_soup(
-            isp, out / "instant_soup.png", f"Instant Soup Pruning to {sparsity:.0%} ({config.model}, {config.dataset})", split=split, projected=projected,
+            isp_result, out / "instant_soup.png", f"Instant Soup Pruning to {sparsity:.0%} ({config.model}, {config.dataset})", split=split, projected=projected,
         )
         plots.append(plot.name)
     summary = sparsity_summary(model)
@@ -334,7 +469,7 @@ def prune_checkpoint(
     extra["pruning"]["source"] = str(checkpoint)
     if es is not None:
         extra["pruning"]["knee"] = es.knee
-    _write_checkpoint(
+    checkpoints.write_model_checkpoint(
         out / PRUNED_NAME, model, config, num_classes, extra,
         {"metric": f"{split}_acc", "value": result["accuracy"]["pruned"][split], "epoch": 0},
     )
@@ -388,10 +523,6 @@ def finetune_checkpoint(
     best.pt, report.md, curves.png) and finetune.json (the returned dict).
     Every argument is checked, and the selector built, before training.
     """
-    from .pipeline import _train_on_tickets
-    from .report import write_report
-    from .tickets import TicketSelector, prepare_student_, ticket_hooks
-
     arguments = {
         "checkpoint": str(checkpoint), "out_dir": str(out_dir), "epochs": epochs, "lr": lr, "keep_ratio": keep_ratio,
         "selector_checkpoint": None if selector_checkpoint is None else str(selector_checkpoint), "mode": mode,
@@ -420,21 +551,21 @@ def finetune_checkpoint(
     out = _check_out_dir(out_dir)
     if (out / "checkpoints" / "last.pt").exists() and not overwrite:
         raise ValueError(f"{out} already holds a run ({out / 'checkpoints' / 'last.pt'}); pass overwrite=True (--overwrite) or another out_dir")
-    ckpt = engine.load_checkpoint(checkpoint)
-    base = engine.TrainConfig.from_dict(ckpt["config"])
+    ckpt = checkpoints.load_checkpoint(checkpoint)
+    base = TrainConfig.from_dict(ckpt["config"])
     fields = {
         **base.to_dict(), "epochs": epochs, "lr": base.lr * 0.5 if lr is None else lr, "warmup_epochs": 0.0, "init_from": None,
         **overrides,
     }
     if "min_lr" not in overrides and isinstance(fields["lr"], (int, float)):
         fields["min_lr"] = min(base.min_lr, fields["lr"])  # the cosine ends below the (lower) fine-tuning peak
-    config = engine.TrainConfig.from_dict(fields)
+    config = TrainConfig.from_dict(fields)
     lr, epochs = config.lr, config.epochs
-    model = engine.model_from_checkpoint(checkpoint)
+    model = checkpoints.model_from_checkpoint(checkpoint)
     selector = None
     if keep_ratio is not None and mode in ("online", "fixed"):
-        selector = TicketSelector(engine.model_from_checkpoint(selector_checkpoint), keep_ratio, layer)
-    train_set, eval_sets = engine.build_data(config)
+        selector = TicketSelector(checkpoints.model_from_checkpoint(selector_checkpoint), keep_ratio, layer)
+    train_set, eval_sets = build_data(config)
     if selector is not None and selector.num_patches != model.patch_embed.num_patches:
         raise ValueError(
             f"the selector has {selector.num_patches} patches per image but the model {model.patch_embed.num_patches}; "
@@ -446,12 +577,12 @@ def finetune_checkpoint(
     start = time.perf_counter()
     log(f"fine-tuning {checkpoint} for {epochs} epochs at lr {lr:g} on " + ("all patches" if keep_ratio is None else f"{mode} tickets ({keep_ratio})"))
     if keep_ratio is None:
-        run = engine.train(config, out, model=model, overwrite=overwrite)
+        run = train(config, out, model=model, overwrite=overwrite)
         log(f"  {out.name}: test_acc {run.history[-1]['test_acc']:.4f}")
     else:
         student = prepare_student_(model, keep_ratio, mode)
         hooks = ticket_hooks(selector, mode, train_set=train_set)
-        run = _train_on_tickets(config, out, student, hooks, eval_sets["test"], log)
+        run = train_on_tickets(config, out, student, hooks, eval_sets["test"], log)
     final = run.model
     after = sparse_masks(final)
     masks_fixed = list(after) == list(before) and all(torch.equal(before[k], after[k].cpu()) for k in before)
@@ -460,7 +591,7 @@ def finetune_checkpoint(
         raise RuntimeError("the sparsity masks changed during fine-tuning; this is a bug in lotus_kernels")
     last = run.history[-1]
     counts = _counts(final)
-    device = engine._resolve_device(config.device, None)
+    device = resolve_device(config.device, None)
     result = {
         "checkpoint": str(run.final_checkpoint),
         "metrics": {k: last[k] for k in ("epoch", "val_acc", "test_acc", "test_tickets_acc", "test_loss") if k in last},

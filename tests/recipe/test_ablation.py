@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from lotus_kernels import cli
-from lotus_kernels.ablation import VARIANTS, check_variants, rewrite_ablation_report, run_ablation
-from lotus_kernels.pipeline import PipelineConfig, run_pipeline
+from lotus_kernels.recipe import cli
+from lotus_kernels.recipe.ablation import VARIANTS, check_variants, rewrite_ablation_report, run_ablation
+from lotus_kernels.recipe.pipeline import PipelineConfig, run_pipeline
 
 TINY = dict(
     train=dict(model="vit_micro_cifar", dataset="synthetic", epochs=2, batch_size=64, synthetic_train=512, synthetic_test=256,
                holdout=128, lr=2e-3, progress=False),
-    ticket_epochs=1, finetune_epochs=2, isp_ingredients=2, isp_subset_fraction=0.2, target_sparsity=0.5,
+    ticket_epochs=1, finetune_epochs=2, ingredients=2, subset_fraction=0.2, target_sparsity=0.5,
     es_sparsities=(0.3, 0.5, 0.7), patterns=("unstructured",), random_control=False, timing_batch=8,
 )
 QUIET = dict(log=lambda *a: None)

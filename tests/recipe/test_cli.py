@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from lotus_kernels import cli, report
+from lotus_kernels.recipe import cli
+from lotus_kernels.recipe.reporting import report
 
 MICRO = {
     "model": "vit_micro_cifar",
@@ -170,7 +171,7 @@ def test_eval_of_a_sparsified_run(tmp_path, capsys):
     import torch
 
     from lotus_kernels import SparseLinear, sparsify_
-    from lotus_kernels.train import TrainConfig, build_model, model_from_checkpoint, train
+    from lotus_kernels.recipe.engine import TrainConfig, build_model, model_from_checkpoint, train
 
     config = TrainConfig.from_dict(MICRO)
     model = sparsify_(build_model(config, num_classes=10), "2:4")
@@ -199,7 +200,7 @@ def test_prune_and_finetune_are_commands(capsys):
 
 
 def test_train_profile_quick_fills_only_what_the_user_left_out(monkeypatch, capsys):
-    from lotus_kernels.train import TrainConfig, quick_recipe
+    from lotus_kernels.recipe.engine import TrainConfig, quick_recipe
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     given = {"dataset": "synthetic", "epochs": 2, "lr": 1e-3}

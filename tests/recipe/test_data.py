@@ -1,4 +1,4 @@
-"""lotus_kernels.data: CIFAR-10 from every supported layout (on tiny fake data),
+"""lotus_kernels.recipe.data: CIFAR-10 from every supported layout (on tiny fake data),
 the cache, the synthetic set, and DeviceLoader's order, sharding and augmentation."""
 
 import os
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lotus_kernels import data
-from lotus_kernels.data import (
+from lotus_kernels.recipe.data import sources
+from lotus_kernels.recipe.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -186,8 +186,8 @@ def test_non_rgb_images_are_converted(tmp_path, cache):
 
 def test_process_pool_decodes_the_same(png_folder, cache, monkeypatch):
     root, expected = png_folder
-    monkeypatch.setattr(data, "_POOL_MIN_IMAGES", 1)
-    monkeypatch.setattr(data, "_POOL_CHUNK", 3)
+    monkeypatch.setattr(sources, "_POOL_MIN_IMAGES", 1)
+    monkeypatch.setattr(sources, "_POOL_CHUNK", 3)
     assert_loaded(load_cifar10(root, "train", cache_dir=cache, num_workers=2), *expected["train"])
 
 
@@ -205,7 +205,7 @@ def test_cache_hit_skips_decoding(png_folder, tmp_path, cache, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data, "_read_source", boom)
+    monkeypatch.setattr(sources, "_read_source", boom)
     again = load_cifar10(archive, "train", cache_dir=cache)
     assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
     assert_loaded(load_cifar10(archive, "test", cache_dir=cache), *expected["test"])  # one cache holds both splits

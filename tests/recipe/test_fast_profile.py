@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lotus_kernels import cli
-from lotus_kernels.train import PRESETS, TrainConfig, build_model, fast_recipe, train
+from lotus_kernels.recipe import cli
+from lotus_kernels.recipe.engine import PRESETS, TrainConfig, build_model, fast_recipe, train
 
 
 def test_the_fast_recipe_is_a_valid_config_of_the_vit_lite_shape():

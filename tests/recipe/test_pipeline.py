@@ -5,15 +5,16 @@ import json
 import pytest
 import torch
 
-from lotus_kernels import cli
-from lotus_kernels import train as engine
+from lotus_kernels.recipe import cli
+from lotus_kernels.recipe import stages
 from lotus_kernels.nn import SparseLinear
-from lotus_kernels.pipeline import PipelineConfig, load_exported, run_pipeline
+from lotus_kernels.recipe.pipeline import PipelineConfig, run_pipeline
+from lotus_kernels.recipe.stages import load_exported
 
 TINY = dict(
     train=dict(model="vit_micro_cifar", dataset="synthetic", epochs=2, batch_size=64, synthetic_train=512, synthetic_test=256,
                holdout=128, lr=2e-3, progress=False),
-    ticket_epochs=1, finetune_epochs=1, isp_ingredients=2, isp_subset_fraction=0.2, target_sparsity=0.5,
+    ticket_epochs=1, finetune_epochs=1, ingredients=2, subset_fraction=0.2, target_sparsity=0.5,
     es_sparsities=(0.3, 0.5, 0.7), patterns=("unstructured", "2:4"), timing_batch=8,
 )
 
@@ -53,13 +54,18 @@ def test_resume_skips_finished_stages_and_redoes_only_what_is_missing(tmp_path):
     # A folder holding a run is never overwritten by accident, and a resume must keep the config.
     with pytest.raises(ValueError, match=r"already holds a pipeline run: resume=True \(--resume\) continues it"):
         run_pipeline(config, tmp_path, log=lambda *a: None)
-    changed = PipelineConfig(**{**TINY, "isp_ingredients": 3})
-    with pytest.raises(ValueError, match=r"cannot resume .* with a different config \(changed: isp_ingredients\)"):
+    changed = PipelineConfig(**{**TINY, "ingredients": 3})
+    with pytest.raises(ValueError, match=r"cannot resume .* with a different config \(changed: ingredients\)"):
         run_pipeline(changed, tmp_path, log=lambda *a: None, resume=True)
     with pytest.raises(ValueError, match="holds no pipeline run"):
         run_pipeline(config, tmp_path / "empty", log=lambda *a: None, resume=True)
     # The last stage's run is lost (killed before it finished): only it is trained again.
     shutil.rmtree(tmp_path / "combined_2of4")
+    # A folder the code before issue 19 wrote (ISP keys with their isp_ prefix) resumes all the same.
+    old_names = {"ingredients": "isp_ingredients", "subset_fraction": "isp_subset_fraction", "prune_step": "isp_prune_step",
+                 "vote_threshold": "isp_vote_threshold", "ingredient_epochs": "isp_ingredient_epochs"}
+    saved = json.loads((tmp_path / "pipeline_config.json").read_text())
+    (tmp_path / "pipeline_config.json").write_text(json.dumps({old_names.get(k, k): v for k, v in saved.items()}))
     logged = []
     second = run_pipeline(config, tmp_path, log=logged.append, resume=True)
     assert second["rows"][:4] == first["rows"][:4]  # dense, tickets, control, unstructured: read back exactly
@@ -67,7 +73,7 @@ def test_resume_skips_finished_stages_and_redoes_only_what_is_missing(tmp_path):
     assert second["rows"][4]["stage"] == "tickets + 2:4 pruning" and (tmp_path / "combined_2of4" / "checkpoints" / "last.pt").is_file()
     assert second["instant_soup"] == first["instant_soup"] and second["essential_sparsity"] == first["essential_sparsity"]
     # overwrite=True starts afresh over it (checked before any work; a whole run more is not needed to see it).
-    from lotus_kernels.pipeline import _check_run_folder
+    from lotus_kernels.recipe.pipeline import _check_run_folder
 
     assert _check_run_folder(tmp_path, changed, resume=False, overwrite=True) is None
     with pytest.raises(ValueError, match="exclude each other"):
@@ -75,7 +81,7 @@ def test_resume_skips_finished_stages_and_redoes_only_what_is_missing(tmp_path):
 
 
 def test_the_report_says_loudly_when_decisions_were_made_on_the_test_split(tmp_path):
-    from lotus_kernels.pipeline import write_pipeline_report
+    from lotus_kernels.recipe.pipeline import write_pipeline_report
 
     history = [{"epoch": 1, "test_acc": 0.5}, {"epoch": 2, "test_acc": 0.6, "test_tickets_acc": 0.55}]
     summary = {
@@ -93,7 +99,7 @@ def test_the_report_says_loudly_when_decisions_were_made_on_the_test_split(tmp_p
 
 
 def test_stages_share_one_epoch_axis():
-    from lotus_kernels.report import stage_series
+    from lotus_kernels.recipe.reporting.plots import stage_series
 
     dense = [{"epoch": 1, "test_acc": 0.2}, {"epoch": 2, "test_acc": 0.4}]
     tickets = [{"epoch": 1, "test_acc": 0.41, "test_tickets_acc": 0.45}]
@@ -123,13 +129,13 @@ def test_pipeline_with_fixed_tickets(tmp_path):
         ({"train": {"dataset": "cifar10", "data_path": "/nonexistent/cifar"}}, "cifar10"),
         ({"patterns": ["3:8"]}, "patterns"),
         ({"patterns": ["2:4"], "target_sparsity": 0.3}, "2:4"),
-        ({"isp_vote_threshold": 9}, "isp_vote_threshold"),
+        ({"vote_threshold": 9}, "vote_threshold"),
         ({"no_such_key": 1}, "unknown pipeline config keys"),
         ({"ticket_mode": "sticky"}, "ticket_mode"),
     ],
 )
 def test_bad_configs_fail_before_any_training(monkeypatch, tmp_path, change, match):
-    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(stages, "train", lambda *a, **k: pytest.fail("training started"))
     fields = json.loads(json.dumps(TINY))
     for key, value in change.items():
         if key == "train":

@@ -1,4 +1,4 @@
-"""lotus_kernels.pruning: one-shot counts, the knee, ISP vote semantics and exact target, held masks, projection.
+"""lotus_kernels.recipe.method (was lotus_kernels.pruning): one-shot counts, the knee, ISP vote semantics and exact target, held masks, projection.
 
 Everything runs on CPU on the 2-block vit_micro_cifar preset (about 98 k
 prunable weights) with random images; training is a cheap stand-in except
@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 
 from lotus_kernels import SparseLinear, sparsity_summary
-from lotus_kernels.data import ImageSet
+from lotus_kernels.recipe.data import ImageSet
 from lotus_kernels.masks import num_pruned
-from lotus_kernels.pruning import (
+from lotus_kernels.recipe.method import (
     EssentialSparsityResult,
     InstantSoupConfig,
     apply_masks_,
@@ -44,7 +44,7 @@ from lotus_kernels.pruning import (
     vote_counts,
     weight_sparsity,
 )
-from lotus_kernels.train import TrainConfig, build_model
+from lotus_kernels.recipe.engine import TrainConfig, build_model
 
 PRUNABLE_SUFFIXES = {"qkv", "proj", "fc1", "fc2"}
 
@@ -320,7 +320,7 @@ def test_isp_reaches_the_exact_target(tmp_path, vote_threshold):
     data = random_images(200)
     train_fn = StandInTrain()
     config = InstantSoupConfig(
-        target_sparsity=0.3, num_ingredients=3, subset_fraction=0.1, prune_step=0.15,
+        target_sparsity=0.3, ingredients=3, subset_fraction=0.1, prune_step=0.15,
         vote_threshold=vote_threshold, tolerance=0.0, max_rounds=6, seed=1,
     )
     result = instant_soup_prune(model, data, config, train_fn=train_fn, eval_data=lambda m: 1.0 - weight_sparsity(m))
@@ -361,7 +361,7 @@ def test_isp_starts_from_initial_masks_and_can_stop_early():
     model = micro_vit()
     knee = one_shot_masks(model, 0.2)
     train_fn = StandInTrain()
-    config = {"target_sparsity": 0.35, "num_ingredients": 2, "max_rounds": 1, "finetune": False, "main_fraction": 0.25}
+    config = {"target_sparsity": 0.35, "ingredients": 2, "max_rounds": 1, "finetune": False, "main_fraction": 0.25}
     result = instant_soup_prune(model, random_images(100), config, train_fn=train_fn, initial_masks=knee)
     assert result.history[0].pruned == count_pruned(knee)[0]
     assert result.rounds == 1 and result.stopped == "max_rounds"
@@ -506,14 +506,14 @@ def test_projection_bad_pattern():
         ({"target_sparsity": 1.0}, ValueError, r"target_sparsity must be in \[0, 1\), got 1.0"),
         ({"target_sparsity": -0.2}, ValueError, r"target_sparsity must be in \[0, 1\), got -0.2"),
         ({"target_sparsity": "0.3"}, TypeError, "target_sparsity"),
-        ({"num_ingredients": 0}, ValueError, "num_ingredients must be an int >= 1, got 0"),
-        ({"num_ingredients": 2.5}, TypeError, "num_ingredients must be an int >= 1, got float 2.5"),
+        ({"ingredients": 0}, ValueError, "ingredients must be an int >= 1, got 0"),
+        ({"ingredients": 2.5}, TypeError, "ingredients must be an int >= 1, got float 2.5"),
         ({"subset_fraction": 0.0}, ValueError, r"subset_fraction must be in \(0, 1\], got 0.0"),
         ({"subset_fraction": 1.5}, ValueError, r"subset_fraction must be in \(0, 1\], got 1.5"),
         ({"prune_step": 0.0}, ValueError, r"prune_step must be in \(0, 1\), got 0.0"),
-        ({"vote_threshold": 0}, ValueError, r"vote_threshold must be in \[1, num_ingredients=5\].*got 0"),
-        ({"vote_threshold": 6}, ValueError, r"vote_threshold must be in \[1, num_ingredients=5\].*got 6"),
-        ({"num_ingredients": 2, "vote_threshold": 3}, ValueError, r"\[1, num_ingredients=2\].*got 3"),
+        ({"vote_threshold": 0}, ValueError, r"vote_threshold must be in \[1, ingredients=5\].*got 0"),
+        ({"vote_threshold": 6}, ValueError, r"vote_threshold must be in \[1, ingredients=5\].*got 6"),
+        ({"ingredients": 2, "vote_threshold": 3}, ValueError, r"\[1, ingredients=2\].*got 3"),
         ({"max_rounds": 0}, ValueError, "max_rounds must be an int >= 1, got 0"),
         ({"tolerance": 1.0}, ValueError, r"tolerance must be in \[0, 1\), got 1.0"),
         ({"main_fraction": -0.5}, ValueError, r"main_fraction must be in \[0, 1\], got -0.5"),

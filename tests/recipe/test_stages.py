@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from lotus_kernels import cli, stages
-from lotus_kernels import train as engine
+from lotus_kernels.recipe import cli, stages
+from lotus_kernels.recipe import engine
 from lotus_kernels.masks import num_pruned
 from lotus_kernels.nn import SparseLinear
-from lotus_kernels.pipeline import load_exported
-from lotus_kernels.pruning import find_knee, one_shot_masks
+from lotus_kernels.recipe.stages import load_exported
+from lotus_kernels.recipe.method import find_knee, one_shot_masks
 
 DENSE = {
     "model": "vit_micro_cifar", "dataset": "synthetic", "synthetic_train": 320, "synthetic_test": 128, "holdout": 64,
@@ -215,8 +215,7 @@ def _no_work(monkeypatch):
     def fail(*a, **k):
         pytest.fail("work started before the arguments were checked")
 
-    monkeypatch.setattr(engine, "train", fail)
-    for name in ("instant_soup_prune", "essential_sparsity_sweep", "one_shot_masks", "sparsify_masked_"):
+    for name in ("train", "instant_soup_prune", "essential_sparsity_sweep", "one_shot_masks", "sparsify_masked_"):
         monkeypatch.setattr(stages, name, fail)
 
 
@@ -229,7 +228,7 @@ def _no_work(monkeypatch):
         (["--pattern", "3:8"], "pattern must be one of"),
         (["--pattern", "2:4", "--sparsity", "0.3"], "use sparsity=0.5"),
         (["--pattern", "block", "--block-size", "48"], "divisible by block_size"),
-        (["--ingredients", "0"], "num_ingredients"),
+        (["--ingredients", "0"], "ingredients"),
         (["--vote-threshold", "9"], "vote_threshold"),
         (["--isp-lr", "0"], "lr must be > 0"),
         (["--max-drop", "2"], "max_drop"),
@@ -294,7 +293,7 @@ def test_finetune_does_not_overwrite_a_run(one_shot, tmp_path, monkeypatch):
 
 def test_a_patch_dropping_student_saves_a_rebuildable_state(one_shot):
     # finetune_checkpoint's ticket runs save the student with patch dropping on: same state_dict keys as the plain model.
-    from lotus_kernels.tickets import prepare_student_
+    from lotus_kernels.recipe.method.tickets import prepare_student_
 
     model = engine.model_from_checkpoint(one_shot[0] / "pruned.pt")
     student = prepare_student_(copy.deepcopy(model), 0.5, "random")

@@ -5,10 +5,10 @@ import pytest
 import timm
 import torch
 
-from lotus_kernels import tickets as T
+from lotus_kernels.recipe.method import tickets as T
 from lotus_kernels.patch_dropping import num_kept
-from lotus_kernels.train import TrainConfig, evaluate, train
-from lotus_kernels.data import synthetic_dataset
+from lotus_kernels.recipe.engine import TrainConfig, evaluate, train
+from lotus_kernels.recipe.data import synthetic_dataset
 
 
 def tiny_vit(seed=0):
@@ -116,7 +116,7 @@ def test_map_scores_follows_crop_flip_exactly(seed):
     # each patch of an image with its score, augment the image with
     # data.crop_flip, and the augmented patches carry the mapped scores; the
     # padding (painted 0) is where map_scores says -inf.
-    from lotus_kernels.data import crop_flip
+    from lotus_kernels.recipe.data import crop_flip
 
     g = torch.Generator().manual_seed(seed)
     b, rows, cols, patch, padding = 6, 4, 4, 8, 8
@@ -151,7 +151,7 @@ def test_top_mapped_scores_are_the_mapped_tickets_when_none_is_lost():
 
 
 def test_student_trains_on_fixed_tickets_following_the_augmentation(tmp_path):
-    from lotus_kernels.train import build_data, build_model
+    from lotus_kernels.recipe.engine import build_data, build_model
 
     config = TrainConfig(model="vit_micro_cifar", epochs=1, batch_size=32, synthetic_train=64, synthetic_test=64, progress=False, seed=0, augment=True)
     selector = T.TicketSelector(build_model(config, 10), 0.5)
@@ -159,7 +159,7 @@ def test_student_trains_on_fixed_tickets_following_the_augmentation(tmp_path):
     fixed = T.FixedTickets.from_selector(selector, train_set)
     assert fixed.scores.shape == (64, 64) and fixed.grid == (8, 8) and fixed.patch == 4
     # The stored scores are the selector's on un-augmented, normalised images.
-    from lotus_kernels.data import DeviceLoader
+    from lotus_kernels.recipe.data import DeviceLoader
 
     x0, _ = next(iter(DeviceLoader(train_set, 8, shuffle=False)))
     assert torch.allclose(fixed.scores[:8], selector.scores(x0), atol=1e-6)
@@ -193,7 +193,7 @@ def test_student_trains_on_fixed_tickets_following_the_augmentation(tmp_path):
 @pytest.mark.parametrize("mode", ["online", "random"])
 def test_student_trains_on_tickets_and_evaluates_both_ways(tmp_path, mode):
     config = TrainConfig(model="vit_micro_cifar", epochs=1, batch_size=32, synthetic_train=64, synthetic_test=64, progress=False, seed=0)
-    from lotus_kernels.train import build_model
+    from lotus_kernels.recipe.engine import build_model
 
     selector = T.TicketSelector(build_model(config, 10), 0.5) if mode == "online" else None
     student = T.prepare_student_(build_model(config, 10), 0.5, mode)

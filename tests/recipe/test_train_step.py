@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import lotus_kernels.train as engine
-from lotus_kernels.data import synthetic_dataset
-from lotus_kernels.train import build_data, build_model, evaluate, load_checkpoint, model_from_checkpoint, train
-from lotus_kernels.train_step import TrainStep, WeightEMA
+from lotus_kernels.recipe.data import DeviceLoader
+from lotus_kernels.recipe.engine import evaluation, loop, mix_batch
+from lotus_kernels.recipe.data import synthetic_dataset
+from lotus_kernels.recipe.engine import build_data, build_model, evaluate, load_checkpoint, model_from_checkpoint, train
+from lotus_kernels.recipe.engine.train_step import TrainStep, WeightEMA
 
-from test_train import Killed, assert_same_state, kill_at, tiny, without_timing  # 512 images, batch 64: 8 steps an epoch
+from test_engine import Killed, assert_same_state, kill_at, tiny, without_timing  # 512 images, batch 64: 8 steps an epoch
 
 
 @pytest.fixture
@@ -92,12 +93,12 @@ def test_compile_auto_falls_back_to_eager_once_with_a_warning(monkeypatch):
     auto(1, x, y, y)  # eager from now on, no second warning (pytest's filterwarnings would show it)
 
     # Evaluation under "auto" (compiled on CUDA) falls back the same way.
-    monkeypatch.setattr(engine, "_resolve_compile", lambda compile, device: True)
-    monkeypatch.setattr(engine, "_COMPILED_EVAL", {"default": failing_compile(None)})
+    monkeypatch.setattr(evaluation, "resolve_compile", lambda compile, device: True)
+    monkeypatch.setattr(evaluation, "_COMPILED_EVAL", {"default": failing_compile(None)})
     _, evals = build_data(tiny())
     with pytest.warns(UserWarning, match="torch.compile of the evaluation failed"):
         fallback = evaluate(model, evals["test"], compile="auto")
-    monkeypatch.setattr(engine, "_resolve_compile", lambda compile, device: False)
+    monkeypatch.setattr(evaluation, "resolve_compile", lambda compile, device: False)
     assert fallback == evaluate(model, evals["test"])
 
 
@@ -184,7 +185,7 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
     torch.testing.assert_close(batches[0][16:], batches[0][:16].flip(3))
     plain = evaluate(model, data, batch_size=16)
     assert got["acc_no_flip"] == plain["acc"] and got["n"] == 40
-    loader = engine.DeviceLoader(data, 40, shuffle=False)
+    loader = DeviceLoader(data, 40, shuffle=False)
     x, y = next(iter(loader))
     with torch.no_grad():
         mean = (model(x) + model(x.flip(3))) / 2
@@ -258,12 +259,12 @@ def test_mixup_permutation_is_drawn_on_the_batch_device(monkeypatch):
 
     monkeypatch.setattr(torch, "randperm", recording)
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
-    engine.mix_batch(x, y, 10, mixup_alpha=1.0, generator=torch.Generator().manual_seed(0))
+    mix_batch(x, y, 10, mixup_alpha=1.0, generator=torch.Generator().manual_seed(0))
     assert len(calls) == 1 and calls[0]["device"] == x.device and calls[0]["generator"].device == x.device
 
 
 def test_the_progress_loss_is_read_at_most_once_per_interval(monkeypatch):
-    display = engine._LossDisplay(torch.device("cpu"), every_s=10.0)
+    display = loop._LossDisplay(torch.device("cpu"), every_s=10.0)
     assert display.offer(torch.tensor(1.5)) == 1.5
     assert display.offer(torch.tensor(2.5)) is None  # within the interval: not read
 
@@ -285,7 +286,7 @@ def test_runs_saved_before_the_new_fields_still_resume(tmp_path):
 
 
 def test_make_train_step_is_the_step_train_runs():
-    from lotus_kernels.train import lr_at_step, make_train_step
+    from lotus_kernels.recipe.engine import lr_at_step, make_train_step
 
     config = tiny(lr=2e-3, warmup_epochs=1.0, epochs=4)
     model = build_model(config, 10)

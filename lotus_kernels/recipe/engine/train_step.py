@@ -5,10 +5,10 @@ forward under autocast (through a token hook if there is one); the loss
 (cross-entropy with label smoothing, or against the soft targets of
 mixup/cutmix); backward (through the GradScaler with fp16); clipping of the
 global gradient norm; the optimizer step and the scaler update; and, if
-asked, the weight EMA update. ``train.train`` builds one per run, and every
-training loop of the package is ``train.train``: the dense run, tickets,
+asked, the weight EMA update. ``loop.train`` builds one per run, and every
+training loop of the package is ``loop.train``: the dense run, tickets,
 fine-tuning, the pipeline's stages and Instant Soup's ingredients
-(``pruning.instant_soup.make_train_fn``).
+(``method.instant_soup.make_train_fn``).
 
 Why the step is written the way it is (a small ViT's step is host-bound: the
 eager timm forward + backward is thousands of operator calls of a few
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import BatchDraws
+from ..data.loader import BatchDraws
 
 __all__ = ["COMPILE_MODES", "StepOutput", "TrainStep", "WeightEMA", "warn_compile_failed"]
 
@@ -179,7 +179,7 @@ class TrainStep:
 
     model: the module whose parameters train (on its device already).
     optimizer: built over the model's parameters (``train`` uses AdamW with
-        ``train.param_groups``, fused where torch has it).
+        ``optim.param_groups``, fused where torch has it).
     schedule(step_index) -> lr: the learning rate of step ``step_index``
         (0-based), written into every param group before the step.
     label_smoothing: for integer targets (soft targets carry their own).
@@ -187,7 +187,7 @@ class TrainStep:
         gradients are unscaled first.
     amp_dtype: autocast dtype (None: fp32). scaler: a torch.amp.GradScaler
         (None: a disabled one).
-    token_hook, padding: as ``train.train``'s token_hook (the loader's crop
+    token_hook, padding: as ``loop.train``'s token_hook (the loader's crop
         padding for hooks that need the batch's draws).
     distributed: wrap in DistributedDataParallel (a process group must be
         initialised); device_ids from the model's device.

@@ -1,4 +1,9 @@
-"""Pruning methods of LOTUS on dense timm ViTs: Essential Sparsity and Instant Soup Pruning.
+"""The LOTUS methods on timm ViTs: data lottery tickets (``tickets``), and the pruning methods
+Essential Sparsity and Instant Soup Pruning with their masks (re-exported here: what
+``lotus_kernels.pruning`` exported).
+
+- ``tickets``: CLS-attention patch selection (``TicketSelector``), fixed and random
+  tickets, the train / evaluation hooks of a ticket student (``ticket_hooks``).
 
 - ``essential_sparsity``: one-shot global magnitude pruning, the sparsity
   sweep without fine-tuning, and its knee (``essential_sparsity_sweep``).

@@ -11,7 +11,7 @@ is the largest swept sparsity whose accuracy is at most ``max_drop`` below
 the dense model's; LOTUS prunes there, then continues with Instant Soup
 Pruning.
 
-Accuracies are fractions in [0, 1] (``lotus_kernels.train.evaluate``'s
+Accuracies are fractions in [0, 1] (``engine.evaluate``'s
 "acc"), so ``max_drop=0.01`` is one percentage point.
 """
 
@@ -27,8 +27,9 @@ import torch
 import torch.nn as nn
 
 from ..data import ImageSet
-from ..masks import check_sparsity, global_magnitude_masks
-from .masking import FilterFn, _parameter, apply_masks_, prunable_layers, prunable_weights
+from ..engine.evaluation import evaluate
+from lotus_kernels.masks import check_sparsity, global_magnitude_masks
+from .masking import FilterFn, weight_parameter, apply_masks_, prunable_layers, prunable_weights
 
 __all__ = [
     "DEFAULT_SPARSITIES",
@@ -145,15 +146,13 @@ class EssentialSparsityResult:
 def make_eval_fn(eval_data, batch_size: int = 512) -> EvalFn:
     """eval_data -> callable(model) -> accuracy in [0, 1].
 
-    eval_data: an ImageSet (scored with ``lotus_kernels.train.evaluate``,
+    eval_data: an ImageSet (scored with ``engine.evaluation.evaluate``,
     top-1, all patches), or already a callable(model) -> float (e.g. one that
     passes a token_hook, or a cheap stand-in in tests).
     """
     if isinstance(eval_data, ImageSet):
         if len(eval_data) == 0:
             raise ValueError("eval_data is an empty ImageSet")
-        from ..train import evaluate
-
         return lambda model: float(evaluate(model, eval_data, batch_size=batch_size)["acc"])
     if callable(eval_data):
         return eval_data
@@ -186,7 +185,7 @@ def essential_sparsity_sweep(
     eval_fn = make_eval_fn(eval_data, batch_size)
     layers = prunable_layers(model, filter_fn)
 
-    params = {name: _parameter(m) for name, m in layers.items()}
+    params = {name: weight_parameter(m) for name, m in layers.items()}
     saved = {name: p.detach().clone() for name, p in params.items()}
     # Magnitudes of the weights the forward uses: under held masks (a parametrization) that is the
     # masked view, not the stored parameter; otherwise the saved copy serves as both.

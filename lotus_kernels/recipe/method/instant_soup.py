@@ -3,7 +3,7 @@
 One round (``config`` is an ``InstantSoupConfig``):
 1. optionally, the main model trains on a random ``main_fraction`` of the
    training set (the reference trains it each round; default off);
-2. each of ``num_ingredients`` ingredients copies the main weights and mask,
+2. each of ``ingredients`` ingredients copies the main weights and mask,
    trains with the mask held on its own random ``subset_fraction`` of the
    training set (subsets are disjoint when K * fraction <= 1, seeded by
    (seed, round)), then prunes a further ``prune_step`` of its still-kept
@@ -22,7 +22,7 @@ Training is injected: ``train_fn(model, subset, masks) -> None`` trains
 ``model`` in place on the ImageSet ``subset``; the masks are already held on
 the model (``masking.hold_masks_``) when it is called, so a plain
 forward/backward/step loop keeps them. ``make_train_fn`` builds the default
-one: the training engine itself (``train.train`` in memory on the subset,
+one: the training engine itself (``engine.train`` in memory on the subset,
 its one train step), so ingredients train exactly as every other run does.
 """
 
@@ -30,17 +30,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..data import ImageSet
-from ..masks import check_sparsity, global_score_masks, num_pruned
+from ..engine.config import Config
+from ..engine.devices import AMP_MODES
+from ..engine.loop import train
+from ..engine.train_config import TrainConfig
+from ..engine.train_step import COMPILE_MODES, module_device
+from ..seeding import derive_seed
+from lotus_kernels.masks import check_sparsity, global_score_masks, num_pruned
 from .essential_sparsity import make_eval_fn
 from .masking import (
     FilterFn,
@@ -97,11 +103,11 @@ def _check_fraction(value, name: str, low: float, high: float, low_open: bool, h
 
 
 @dataclasses.dataclass
-class InstantSoupConfig:
+class InstantSoupConfig(Config):
     """What decides an Instant Soup Pruning run; validated on construction (nothing trains before that).
 
     target_sparsity: final pruned fraction of the prunable weights, in [0, 1).
-    num_ingredients: K >= 1 ingredient runs per round (reference: 5).
+    ingredients: K >= 1 ingredient runs per round (reference: 5).
     subset_fraction: each ingredient's share of the training set, in (0, 1] (reference: ~0.1).
     prune_step: fraction of its still-kept weights an ingredient prunes per round, in (0, 1) (reference: 0.1).
     vote_threshold: keep a weight if >= this many ingredients keep it, in [1, K] (1 = union, K = intersection).
@@ -112,10 +118,15 @@ class InstantSoupConfig:
         round, in [0, 1] (0 = the main model does not train during the rounds).
     finetune: fine-tune the main model on the whole training set after the final prune.
     seed: int >= 0 for the data subsets and each training call's torch seed.
+
+    ``from_dict`` (``engine.config.Config``) also takes the old key ``num_ingredients``.
     """
 
+    CONFIG_NAME: ClassVar[str] = "InstantSoupConfig"
+    ALIASES: ClassVar[dict[str, str]] = {"num_ingredients": "ingredients"}
+
     target_sparsity: float = 0.3
-    num_ingredients: int = 5
+    ingredients: int = 5
     subset_fraction: float = 0.1
     prune_step: float = 0.1
     vote_threshold: int = 1
@@ -127,18 +138,18 @@ class InstantSoupConfig:
 
     def __post_init__(self):
         self.target_sparsity = check_sparsity(self.target_sparsity, "target_sparsity")
-        _check_int(self.num_ingredients, "num_ingredients", 1)
+        _check_int(self.ingredients, "ingredients", 1)
         self.subset_fraction = _check_fraction(self.subset_fraction, "subset_fraction", 0, 1, True, False)
         self.prune_step = _check_fraction(self.prune_step, "prune_step", 0, 1, True, True)
         if isinstance(self.vote_threshold, bool) or not isinstance(self.vote_threshold, int):
             raise TypeError(
-                f"vote_threshold must be an int in [1, num_ingredients={self.num_ingredients}], "
+                f"vote_threshold must be an int in [1, ingredients={self.ingredients}], "
                 f"got {type(self.vote_threshold).__name__} {self.vote_threshold!r}"
             )
-        if not 1 <= self.vote_threshold <= self.num_ingredients:
+        if not 1 <= self.vote_threshold <= self.ingredients:
             raise ValueError(
-                f"vote_threshold must be in [1, num_ingredients={self.num_ingredients}] "
-                f"(1 = union, {self.num_ingredients} = intersection), got {self.vote_threshold!r}"
+                f"vote_threshold must be in [1, ingredients={self.ingredients}] "
+                f"(1 = union, {self.ingredients} = intersection), got {self.vote_threshold!r}"
             )
         self.tolerance = _check_fraction(self.tolerance, "tolerance", 0, 1, False, True)
         _check_int(self.max_rounds, "max_rounds", 1)
@@ -146,20 +157,6 @@ class InstantSoupConfig:
         if not isinstance(self.finetune, bool):
             raise TypeError(f"finetune must be a bool, got {type(self.finetune).__name__} {self.finetune!r}")
         _check_int(self.seed, "seed", 0)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "InstantSoupConfig":
-        """A config from a mapping; unknown keys -> ValueError listing them."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"config must be an InstantSoupConfig or a mapping, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise ValueError(f"unknown InstantSoupConfig keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------
@@ -292,33 +289,28 @@ def _cap_pruned(
 # ---------------------------------------------------------------------------
 
 
-def _seed(*parts) -> int:
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") % 2**63
-
-
-def ingredient_subsets(n: int, num_ingredients: int, fraction: float, seed: int = 0, round_index: int = 0) -> list[torch.Tensor]:
-    """num_ingredients sorted int64 index tensors, each of max(1, round(fraction * n)) positions in [0, n).
+def ingredient_subsets(n: int, ingredients: int, fraction: float, seed: int = 0, round_index: int = 0) -> list[torch.Tensor]:
+    """ingredients sorted int64 index tensors, each of max(1, round(fraction * n)) positions in [0, n).
 
     One random permutation per (seed, round_index); ingredient k takes a
     window starting at k * n // K. The windows are disjoint whenever
     K * size <= n, and otherwise overlap as little as the sizes allow.
     """
     _check_int(n, "n", 1)
-    _check_int(num_ingredients, "num_ingredients", 1)
+    _check_int(ingredients, "ingredients", 1)
     fraction = _check_fraction(fraction, "fraction", 0, 1, True, False)
     size = min(n, max(1, round(fraction * n)))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed("isp-subsets", seed, round_index)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("isp-subsets", seed, round_index)))
     subsets = []
-    for k in range(num_ingredients):
-        start = k * n // num_ingredients
+    for k in range(ingredients):
+        start = k * n // ingredients
         subsets.append(torch.sort(perm[(start + torch.arange(size)) % n]).values)
     return subsets
 
 
 def _main_subset(n: int, fraction: float, seed: int, round_index: int) -> torch.Tensor:
     size = min(n, max(1, round(fraction * n)))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed("isp-main", seed, round_index)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("isp-main", seed, round_index)))
     return torch.sort(perm[:size]).values
 
 
@@ -344,12 +336,12 @@ def make_train_fn(
     compile: bool | str = "auto",
     compile_mode: str = "default",
 ) -> TrainFn:
-    """A ``train_fn(model, subset, masks)`` that trains with the training engine: ``train.train`` in memory.
+    """A ``train_fn(model, subset, masks)`` that trains with the training engine: ``engine.train`` in memory.
 
     Each call is ``train(config, None, model=model, train_data=subset)``: the
-    engine's one train step (``train_step.TrainStep``), a fresh AdamW per call
+    engine's one train step (``engine.train_step.TrainStep``), a fresh AdamW per call
     (as the reference re-creates it per ingredient; weight decay on matrices
-    only via ``train.param_groups``), ``train.lr_at_step`` warmup + cosine
+    only via ``engine.optim.param_groups``), ``engine.optim.lr_at_step`` warmup + cosine
     down to ``min_lr`` (default lr, i.e. constant), label smoothing, gradient
     clipping, AMP as ``TrainConfig.amp``, crop + flip if ``augment``, on the
     model's device; nothing is evaluated or written. Batches are
@@ -370,9 +362,6 @@ def make_train_fn(
     (``tickets.ticket_hooks``), so the ingredients learn, and then prune, on
     the patches the model will see.
     """
-    from ..train import AMP_MODES, TrainConfig
-    from ..train_step import COMPILE_MODES
-
     _check_int(epochs, "epochs", 1)
     _check_int(batch_size, "batch_size", 1)
     _check_int(seed, "seed", 0)
@@ -404,16 +393,14 @@ def make_train_fn(
     }
 
     def train_fn(model: nn.Module, subset: ImageSet, masks: Mapping[str, torch.Tensor]) -> None:
-        from .. import train as engine
-
-        device = engine._model_device(model)
-        run_seed = _seed("isp-run", seed, int(torch.randint(0, 2**62, (1,)))) % 2**31
+        device = module_device(model)
+        run_seed = derive_seed("isp-run", seed, int(torch.randint(0, 2**62, (1,)))) % 2**31
         config = TrainConfig(
             **recipe, model="vit_micro_cifar", batch_size=min(batch_size, len(subset)), seed=run_seed,
             device="cpu" if device.type == "cpu" else f"cuda:{device.index or 0}",
         )
         # model="vit_micro_cifar" only satisfies the config's check: the model passed in is what trains.
-        engine.train(config, None, model=model, train_data=subset, token_hook=token_hook)
+        train(config, None, model=model, train_data=subset, token_hook=token_hook)
 
     return train_fn
 
@@ -586,7 +573,7 @@ def instant_soup_prune(
         return prunable_weights(model, lambda m, name: name in masks)
 
     def run_training(fn: TrainFn, net: nn.Module, data: ImageSet, m: dict, *seed_parts) -> None:
-        torch.manual_seed(_seed("isp-train", config.seed, *seed_parts))
+        torch.manual_seed(derive_seed("isp-train", config.seed, *seed_parts))
         with masks_held(net, m):
             fn(net, data, m)
 
@@ -614,7 +601,7 @@ def instant_soup_prune(
         # At least one more weight per round, never past the target.
         ingredient_pruned = min(target_pruned, pruned + max(1, num_pruned(kept, config.prune_step)))
         proposals = []
-        subsets = ingredient_subsets(n, config.num_ingredients, config.subset_fraction, config.seed, round_index)
+        subsets = ingredient_subsets(n, config.ingredients, config.subset_fraction, config.seed, round_index)
         for k, index in enumerate(subsets):
             ingredient = copy.deepcopy(model)
             subset = train_data.subset(index.to(train_data.device))
@@ -701,7 +688,7 @@ def plot_instant_soup(
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     config = result.config
-    fig.suptitle(title or f"Instant Soup Pruning ({config.num_ingredients} ingredients, vote >= {config.vote_threshold})")
+    fig.suptitle(title or f"Instant Soup Pruning ({config.ingredients} ingredients, vote >= {config.vote_threshold})")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..masks import PATTERNS, block_shape, project_mask
-from ..nn import SparsityConfig, default_filter, sparsify_
+from lotus_kernels.masks import PATTERNS, block_shape, project_mask
+from lotus_kernels.nn import SparsityConfig, default_filter, sparsify_
 
 __all__ = [
     "MaskedWeight",
@@ -87,7 +87,7 @@ def prunable_weights(model: nn.Module, filter_fn: FilterFn | None = None) -> dic
     return {name: m.weight.detach() for name, m in prunable_layers(model, filter_fn).items()}
 
 
-def _parameter(module: nn.Module) -> nn.Parameter:
+def weight_parameter(module: nn.Module) -> nn.Parameter:
     """The stored weight parameter: ``original`` under a held mask, else ``weight``."""
     if parametrize.is_parametrized(module, "weight"):
         return module.parametrizations.weight.original
@@ -164,7 +164,7 @@ def apply_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modu
     masks = check_masks(masks, model)
     modules = dict(model.named_modules())
     for name, mask in masks.items():
-        param = _parameter(modules[name])
+        param = weight_parameter(modules[name])
         param.masked_fill_(~mask.to(param.device), 0)
     return model
 
@@ -195,7 +195,7 @@ def hold_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         module = modules[name]
-        mask = mask.to(_parameter(module).device)
+        mask = mask.to(weight_parameter(module).device)
         if parametrize.is_parametrized(module, "weight"):
             for p in module.parametrizations.weight:
                 if isinstance(p, MaskedWeight):

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from .patch_dropping import (
+from lotus_kernels.patch_dropping import (
     TicketDropout,
     enable_patch_dropping_,
     is_patch_dropping,
@@ -187,7 +187,7 @@ def fixed_ticket_scores(selector: "TicketSelector", dataset, batch_size: int = 2
     Normalised as the training loader normalises (the dataset's mean/std), in
     dataset order, on ``device`` (default: the selector's).
     """
-    from .data import DeviceLoader
+    from ..data import DeviceLoader
 
     device = torch.device(device) if device is not None else next(selector.model.parameters()).device
     loader = DeviceLoader(dataset, batch_size, shuffle=False, augment=False, device=device)
@@ -225,7 +225,7 @@ class FixedTickets:
 
     def __call__(self, student: nn.Module, x: torch.Tensor, draws) -> torch.Tensor:
         if draws is None or draws.indices is None:
-            raise ValueError("fixed tickets need the batch's draws: use them as train(token_hook=...) of lotus_kernels.train")
+            raise ValueError("fixed tickets need the batch's draws: use them as train(token_hook=...) of lotus_kernels.recipe.engine")
         with use_tickets(student, self.tickets(draws), validate=False):
             return student(x)
 
@@ -245,7 +245,7 @@ def _dropout(model: nn.Module) -> TicketDropout:
 
 
 def ticket_hooks(selector: TicketSelector | None, mode: str = "online", fixed: FixedTickets | None = None, train_set=None):
-    """(train_hook, all_patches_hook, tickets_hook) for ``train.train``/``train.evaluate`` token_hook arguments.
+    """(train_hook, all_patches_hook, tickets_hook) for ``engine.train``/``engine.evaluate`` token_hook arguments.
 
     train_hook(student, x): the student on x's tickets (online: the selector's
     choice on this very batch; fixed: ``fixed``, the precomputed tickets

@@ -1,4 +1,4 @@
-"""lotus_kernels.train: config, a tiny run that learns, determinism, exact
+"""lotus_kernels.recipe.engine (was lotus_kernels.train): config, a tiny run that learns, determinism, exact
 resume, sparse models, mixup/cutmix, atomic checkpoints, 2-process DDP on
 gloo, the files a run writes, and bad input. CPU only, vit_micro_cifar."""
 
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lotus_kernels as lk
-from lotus_kernels.train import (
+from lotus_kernels.recipe.engine import (
     PRESETS,
     TIMING_KEYS,
     TrainConfig,
@@ -631,7 +631,7 @@ def test_deep_presets_use_layer_scale_from_scratch_and_not_with_hub_weights(monk
 def test_weights_without_layer_scale_load_as_the_identity(tmp_path):
     import timm
 
-    from lotus_kernels.train import _load_init_weights
+    from lotus_kernels.recipe.engine.checkpoint import load_init_weights as _load_init_weights
 
     # A plain ViT of the preset's shape, as hub or older checkpoints have it (no ls*.gamma).
     shape = {k: v for k, v in PRESETS["vit_tiny_cifar"].items() if k not in ("timm_name", "init_values", "weight_init")}
@@ -655,7 +655,7 @@ def test_weights_without_layer_scale_load_as_the_identity(tmp_path):
 
 
 def test_quick_recipe_is_a_valid_config_and_says_what_it_measured():
-    from lotus_kernels.train import quick_recipe
+    from lotus_kernels.recipe.engine import quick_recipe
 
     recipe = quick_recipe()
     config = TrainConfig.from_dict({"model": "vit_tiny_cifar", **recipe})
@@ -711,7 +711,7 @@ def test_no_checkpoint_is_ever_unpickled(tmp_path, one_epoch_run):
     ):
         with pytest.raises(ValueError, match=r"weights_only=True.*convert it once"):
             attempt()
-    from lotus_kernels import cli
+    from lotus_kernels.recipe import cli
 
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--resume", "--set", "epochs=2"]) == 2
     assert cli.main(["eval", "--checkpoint", str(last)]) == 2
@@ -738,7 +738,7 @@ def test_a_checkpoint_missing_keys_is_a_named_error(tmp_path, capsys, one_epoch_
     with pytest.raises(ValueError, match=rf"lacks \['{drop}'\]"):
         train(dataclasses.replace(config, epochs=2), tmp_path, resume=True)
     if drop in ("config", "model", "num_classes", "epoch"):
-        from lotus_kernels import cli
+        from lotus_kernels.recipe import cli
 
         assert cli.main(["eval", "--checkpoint", str(last)]) == 2
         assert f"lacks ['{drop}']" in capsys.readouterr().err
@@ -765,10 +765,10 @@ def _epoch_of(path):
 def test_best_and_last_stay_consistent_when_a_save_is_killed(tmp_path, monkeypatch):
     # Before: last.pt was written, then best.pt: a crash in between left last.pt's "best"
     # record naming an epoch that best.pt did not hold, for good.
-    import lotus_kernels.train as engine
+    from lotus_kernels.recipe.engine import loop
 
     config = tiny(epochs=2, holdout=64)
-    real_save = engine._save_checkpoint
+    real_save = loop.save_checkpoint
     epochs_done = []
 
     def count(epoch, model, metrics):
@@ -779,13 +779,13 @@ def test_best_and_last_stay_consistent_when_a_save_is_killed(tmp_path, monkeypat
         if path.name == "last.pt" and state["epoch"] == 2:
             raise Killed  # after last.pt, before best.pt is brought in line with it
 
-    monkeypatch.setattr(engine, "_save_checkpoint", crash_after_last)
-    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: {"loss": 1.0, "acc": 0.1 * len(epochs_done) + 0.1, "n": 1})
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_last)
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {"loss": 1.0, "acc": 0.1 * len(epochs_done) + 0.1, "n": 1})
     with pytest.raises(Killed):
         train(config, tmp_path, on_epoch_end=count)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert last["epoch"] == 2 and last["best"]["epoch"] == 2  # every epoch improves here
-    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     train(config, tmp_path, resume=True)  # nothing left to train: the resume only reconciles
     ckpt_dir = tmp_path / "checkpoints"
     assert _epoch_of(ckpt_dir / "best.pt") == load_checkpoint(ckpt_dir / "last.pt")["best"]["epoch"] == 2
@@ -793,7 +793,7 @@ def test_best_and_last_stay_consistent_when_a_save_is_killed(tmp_path, monkeypat
 
 
 def test_reconcile_best_after_a_crash_anywhere(tmp_path):
-    from lotus_kernels.train import _reconcile_best
+    from lotus_kernels.recipe.engine.checkpoint import reconcile_best as _reconcile_best
 
     def write(name, epoch):
         torch.save({"epoch": epoch}, tmp_path / name)
@@ -818,7 +818,7 @@ def test_reconcile_best_after_a_crash_anywhere(tmp_path):
 
 
 def test_a_folder_or_a_corrupt_file_given_as_a_checkpoint_says_so(tmp_path):
-    from lotus_kernels.train import load_checkpoint
+    from lotus_kernels.recipe.engine import load_checkpoint
 
     with pytest.raises(ValueError, match=r"is a folder; give a checkpoint file such as .*checkpoints/last.pt"):
         load_checkpoint(tmp_path)
