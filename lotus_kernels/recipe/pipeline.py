@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from lotus_kernels.info import environment
-from lotus_kernels.masks import check_sparsity
+from lotus_kernels.masks import PATTERNS, check_sparsity
 from lotus_kernels.nn import sparsity_summary
 from lotus_kernels.patch_dropping import disable_patch_dropping_, enable_patch_dropping_, num_kept, random_patches, use_tickets
 
@@ -68,6 +68,7 @@ from .reporting.plots import plot_stage_accuracy
 from .reporting.report import metrics_table
 from .stages import (
     InstantSoupStage,
+    decision_split,
     evaluate_both,
     export_safetensors,
     stage_config,
@@ -76,8 +77,6 @@ from .stages import (
     train_on_tickets,
     train_students,
 )
-
-PATTERNS = ("unstructured", "2:4", "block")
 
 
 @dataclasses.dataclass
@@ -278,7 +277,7 @@ def run_pipeline(config: PipelineConfig, out_dir, log=print, *, resume: bool = F
 
     # 3. Essential Sparsity of the dense model
     log("[3/6] Essential Sparsity sweep")
-    split = "val" if "val" in eval_sets else "test"
+    split = decision_split(eval_sets)
     if split == "test":
         log("  WARNING: no validation split (train.holdout=0): the Essential Sparsity knee and Instant Soup's rounds are "
             "chosen on the TEST split, so the test accuracies below are optimistic; set train.holdout (e.g. 5000 on CIFAR-10)")

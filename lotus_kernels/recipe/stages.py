@@ -84,6 +84,7 @@ __all__ = [
     "train_on_tickets",
     "train_students",
     "evaluate_both",
+    "decision_split",
     "export_safetensors",
     "load_exported",
     "prune_checkpoint",
@@ -140,8 +141,8 @@ def _counts(model: nn.Module) -> dict:
     return {"pruned": pruned, "prunable": total, "sparsity": pruned / total if total else 0.0, "sparse_layers": len(masks)}
 
 
-def _eval_split(eval_sets: dict) -> str:
-    """The split decisions are measured on: the holdout when the run has one, else test."""
+def decision_split(eval_sets: dict) -> str:
+    """The split decisions (the knee, Instant Soup's rounds) are measured on: the holdout ("val") when the run has one, else "test"."""
     return "val" if "val" in eval_sets else "test"
 
 
@@ -406,7 +407,7 @@ def prune_checkpoint(
     device = resolve_device(config.device, None)
     train_set, eval_sets = build_data(config)
     eval_sets = {k: v.to(device) for k, v in eval_sets.items()}
-    split = _eval_split(eval_sets)
+    split = decision_split(eval_sets)
     num_classes = len(train_set.classes)
     model.to(device)
 
