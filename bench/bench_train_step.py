@@ -1,6 +1,6 @@
 """Host overhead of one training step (issue 17): ``train.make_train_step`` at batch 2, eager vs compiled.
 
-The step timed is exactly what ``lotus_kernels.train.train`` runs per batch
+The step timed is exactly what ``lotus_kernels.recipe.engine.train`` runs per batch
 (``train_step.TrainStep``: autocast forward, label-smoothed cross-entropy,
 backward, clipping to norm 1, AdamW with the schedule, the TrainConfig
 defaults of the preset: drop-path 0.1), on one fixed batch already on the
@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 from conftest import time_quantiles_ms
 
-from lotus_kernels.train import PRESETS, TrainConfig, build_model, make_train_step
+from lotus_kernels.recipe.engine import PRESETS, TrainConfig, build_model, make_train_step
 
 CUDA = torch.cuda.is_available()
 # Host-overhead cases: batch 2, the tiny preset and its narrow twin.

@@ -35,8 +35,8 @@ import torch
 from bench_train_step import CUDA, build, make_step, release, step_flops
 from conftest import time_quantiles_ms
 
-from lotus_kernels.data import synthetic_dataset
-from lotus_kernels.train import TrainConfig, evaluate, fast_recipe
+from lotus_kernels.recipe.data import synthetic_dataset
+from lotus_kernels.recipe.engine import TrainConfig, evaluate, fast_recipe
 
 if CUDA:
     TRAIN = [(m, 512, "compiled", "preset") for m in ("vit_micro_cifar", "vit_lite_cifar", "vit_tiny_cifar", "vit_small_cifar")]

@@ -61,7 +61,7 @@ CUDA = torch.cuda.is_available()
 FULL = os.environ.get("LOTUS_BENCH_FULL") == "1"
 HEADLINE = os.environ.get("LOTUS_BENCH_GRID") == "headline"
 
-# Short name -> (lotus_kernels.train preset or timm name, classes).
+# Short name -> (lotus_kernels.recipe.engine preset or timm name, classes).
 MODELS = {
     "vit_s16_224": ("vit_small_patch16_224", 1000),
     "vit_b16_224": ("vit_base_patch16_224", 1000),
@@ -145,7 +145,7 @@ _BASE: dict[str, nn.Module] = {}  # the last dense model built (CPU, fp32): case
 def base_model(model: str) -> nn.Module:
     """A fresh copy of the dense timm model (random init, seed 0, no drop path), CPU fp32."""
     if model not in _BASE:
-        from lotus_kernels.train import TrainConfig, build_model
+        from lotus_kernels.recipe.engine import TrainConfig, build_model
 
         _BASE.clear()
         name, classes = MODELS[model]
@@ -223,7 +223,7 @@ def make_step(net: nn.Module, workload: str, batch: int, device: str, dtype: tor
                 return run(x)
 
         return infer
-    # Training: fp32 master weights, bf16 autocast on CUDA (lotus_kernels.train's amp="auto"), AdamW.
+    # Training: fp32 master weights, bf16 autocast on CUDA (lotus_kernels.recipe.engine's amp="auto"), AdamW.
     net.train()
     y = torch.randint(0, net.num_classes, (batch,), generator=g).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)

@@ -102,6 +102,13 @@ def test_private_modules_are_imported_only_inside_their_layer():
         ("lotus_kernels.masks", "lotus_kernels.ops"),
         ("lotus_kernels.ops", "lotus_kernels.nn"),
         ("lotus_kernels.backends", "lotus_kernels.nn"),
+        # The recipe's layers: data -> engine -> method -> stages -> pipeline / ablation / cli.
+        ("lotus_kernels.recipe.data", "lotus_kernels.recipe.engine"),
+        ("lotus_kernels.recipe.engine", "lotus_kernels.recipe.method"),
+        ("lotus_kernels.recipe.method", "lotus_kernels.recipe.stages"),
+        *[(low, high) for low in ("lotus_kernels.recipe.method", "lotus_kernels.recipe.stages")
+          for high in ("lotus_kernels.recipe.pipeline", "lotus_kernels.recipe.ablation", "lotus_kernels.recipe.cli")],
+        ("lotus_kernels.recipe.reporting", "lotus_kernels.recipe.stages"),
     ],
 )
 def test_layers_import_downwards_only(layer, never):

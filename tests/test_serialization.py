@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import lotus_kernels as lk
 from lotus_kernels import SparseLinear, SparsityConfig, serialization, sparsify_
-from lotus_kernels.pipeline import export_safetensors, load_exported
+from lotus_kernels.recipe.stages import export_safetensors, load_exported
 
 KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
 
@@ -70,7 +70,7 @@ def test_the_header_names_format_layouts_model_and_metadata(tmp_path):
 
 
 def test_exported_files_and_saved_files_are_one_format(tmp_path):
-    from lotus_kernels.train import TrainConfig, build_model
+    from lotus_kernels.recipe.engine import TrainConfig, build_model
 
     config = TrainConfig(model="vit_micro_cifar", dataset="synthetic")
     model = sparsify_(build_model(config, 10), "2:4")
@@ -128,7 +128,7 @@ def test_a_state_that_json_cannot_hold_is_refused_by_name(tmp_path):
 def test_lotus_eval_takes_a_saved_or_exported_safetensors_file(tmp_path, capsys):
     import json
 
-    from lotus_kernels import cli
+    from lotus_kernels.recipe import cli
 
     path = lk.save_sparse(sparsify_(dense_vit(), "2:4"), tmp_path / "m.safetensors", model_kwargs=KWARGS)
     data = ["--set", "dataset=synthetic", "--set", "synthetic_train=64", "--set", "synthetic_test=32"]

@@ -28,7 +28,7 @@ def _dense_forward(module, x: torch.Tensor) -> torch.Tensor:
         # pass, small next to the matmul).
         return apply_activation(module, F.linear(x, module.to_dense(), module.bias))
     # Inference: the dense weight in the compute dtype, made once per weight
-    # state (lotus_kernels.weight_cache); compiled, through the op that looks it
+    # state (lotus_kernels.ops.weight_cache); compiled, through the op that looks it
     # up at run time.
     x, bias = autocast_input(x, module.bias)
     shape = (module.out_features, module.in_features)

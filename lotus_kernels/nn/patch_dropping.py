@@ -310,7 +310,7 @@ def enable_patch_dropping_(
     if where == "input" and selector == "cls_attention":
         raise ValueError(
             "selector='cls_attention' at drop_at='input' needs attention that has not run yet: drop at blocks "
-            "(drop_at=(3, 6, 9)), or compute tickets with a selector model (lotus_kernels.tickets) and use selector='given'"
+            "(drop_at=(3, 6, 9)), or compute tickets with a selector model (lotus_kernels.recipe.method.tickets) and use selector='given'"
         )
     if where != "input" and selector == "given":
         raise ValueError("selector='given' (tickets) drops at the input: use drop_at='input'")

@@ -156,7 +156,7 @@ def packed(values: torch.Tensor, metadata: torch.Tensor, dtype: torch.dtype) -> 
     """The 2:4 weight (values [N, K/2], metadata) in cuSPARSELt's packed format, in ``dtype``.
 
     Packed once per weight state and found at run time, compiled or not
-    (lotus_kernels.weight_cache says how and why).
+    (lotus_kernels.ops.weight_cache says how and why).
     """
     return derived(f"cusparselt-{dtype}", values, (metadata,), lambda: _compress(_dense_weight(values.detach().to(dtype), metadata)))
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from lotus_kernels import cli
+from lotus_kernels.recipe import cli
 from lotus_kernels.recipe.tools import bench_report
 
 H100 = "NVIDIA H100 80GB HBM3"

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lotus_kernels import cli
+from lotus_kernels.recipe import cli
 from lotus_kernels.recipe.tools.gpu_check import MAX_FILES, OUTPUT_FILES, run, runner, summary
 from lotus_kernels.recipe.tools.gpu_check.pytest_progress import passed_nodeids
 from lotus_kernels.recipe.tools.gpu_check.runner import Command, Step
