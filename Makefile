@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --no-cache-dir
 CMAKE_BUILD ?= build/cmake
 DEPS_STAMP := $(VENV)/.lotus-deps
 EXT_STAMP := $(VENV)/.lotus-ext
-EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
+EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
 
 .PHONY: test sanitize demo install pytest ctest bench bench-gpu gpu-check info clean
 
