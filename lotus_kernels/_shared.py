@@ -7,12 +7,17 @@ checks and its kernels disagreeing.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
 # Triton's interpreter: kernels run on CPU tensors (tests); set before importing lotus_kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Whether triton can be imported, looked up once without importing it: a per-call find_spec
+# breaks torch.compile on older torch (dynamo refuses to trace importlib).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 # Epilogues the matmul kernels fuse (exact erf GELU): SparseLinear, the ops and the kernels.
 ACTIVATIONS = ("none", "gelu")

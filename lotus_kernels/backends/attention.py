@@ -8,39 +8,20 @@ reads only the kept tokens, the others copy them first.
 
 from __future__ import annotations
 
-import importlib.util
-
-import torch
-
-from .._shared import INTERPRET
 from ..ops.patch_drop_attention import (
     patch_drop_attention_reference,
     patch_drop_attention_sdpa,
     patch_drop_attention_triton,
 )
-from .registry import ATTENTION, AttentionSpec, Backend
-
-# Looked up once: find_spec does not import triton, and a per-call lookup would break tracing.
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def _triton_why_not(spec: AttentionSpec) -> str | None:
-    if not TRITON_INSTALLED:
-        return "triton is not installed"
-    if spec.device.type == "cuda":
-        return None
-    if spec.device.type != "cpu" or not INTERPRET:
-        return f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {spec.device.type} tensor"
-    if spec.dtype == torch.bfloat16:
-        return "the Triton interpreter mishandles bfloat16; use fp16/fp32 on CPU"
-    return None
+from .registry import ATTENTION, Backend
+from .triton import device_reason
 
 
 ATTENTION.register(
     Backend(
         name="triton",
         description="fused gather + flash attention over the kept tokens (Triton), forward and backward",
-        why_not=_triton_why_not,
+        why_not=lambda spec: device_reason(spec.device, spec.dtype),
         forward=patch_drop_attention_triton,
         auto=lambda spec: spec.device.type == "cuda",
     )

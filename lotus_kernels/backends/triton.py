@@ -5,39 +5,40 @@ Registering it does not import triton (the kernels are imported when they first 
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from .._shared import INTERPRET, KERNEL_DTYPES
+from .._shared import INTERPRET, KERNEL_DTYPES, TRITON_INSTALLED
 from ..ops.block_sparse_matmul import BLOCK_SPARSE_SIZES, block_sparse_matmul
 from ..ops.semi_structured_matmul import semi_structured_matmul
 from .linear import autocast_operands, register_backend
 from .registry import Backend, LayerSpec
 
-# Looked up once: a per-call find_spec breaks torch.compile on older torch
-# (dynamo refuses to trace importlib). find_spec does not import triton.
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
 
 def _triton_why_not(spec: LayerSpec) -> str | None:
     if spec.pattern not in ("block", "2:4"):
         return "runs patterns 'block' and '2:4'"
-    if not TRITON_INSTALLED:
-        return "triton is not installed"
     if spec.pattern == "block" and (spec.block_size is None or any(b not in BLOCK_SPARSE_SIZES for b in spec.block_size)):
         return f"block sizes must be in {BLOCK_SPARSE_SIZES}, got {spec.block_size}"
     if spec.dtype not in KERNEL_DTYPES:
         return f"dtype must be one of {KERNEL_DTYPES}, got {spec.dtype}"
-    if spec.device.type == "cuda":
+    return device_reason(spec.device, spec.dtype)
+
+
+def device_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when our Triton kernels can run on tensors of this device and dtype, else why not
+    (every Triton backend asks this: SparseLinear's here, patch-drop attention's in ``backends.attention``)."""
+    if not TRITON_INSTALLED:
+        return "triton is not installed"
+    if device.type == "cuda":
         return None
-    if spec.device.type == "cpu":
-        if not INTERPRET:
-            return "on CPU it needs TRITON_INTERPRET=1 (the Triton interpreter: slow, for tests)"
-        if spec.dtype == torch.bfloat16:
-            return "the Triton interpreter mishandles bfloat16"
-        return None
-    return f"device type {spec.device.type!r} is not supported"
+    if device.type != "cpu" or not INTERPRET:
+        return (
+            f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1: the Triton interpreter, slow, for tests), "
+            f"got a {device.type} tensor"
+        )
+    if dtype == torch.bfloat16:
+        return "the Triton interpreter mishandles bfloat16; use fp16/fp32 on CPU"
+    return None
 
 
 def _triton_forward(module, x: torch.Tensor) -> torch.Tensor:

@@ -240,18 +240,6 @@ class SparsitySummary:
         return sum(layer.compact_bytes for layer in self.layers)
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The masked dense weight [out_features, in_features], for code written against nn.Linear
-        (timm's EVA and BEiT attention call ``F.linear(x, self.qkv.weight, bias)`` themselves).
-
-        A copy, made on every access: writing to it changes nothing (there is
-        no setter; change the layer with ``set_weight_``). Differentiable
-        w.r.t. ``values``, so such code still trains the kept weights; it runs
-        at dense speed, since the caller does the matmul.
-        """
-        return self.to_dense()
-
-    @property
     def density(self) -> float:
         """Kept fraction over all sparse layers' weights."""
         total = sum(layer.shape[0] * layer.shape[1] for layer in self.layers)

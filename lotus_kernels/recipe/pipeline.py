@@ -437,7 +437,7 @@ def write_pipeline_report(out: Path, config: PipelineConfig, summary: dict, hist
     t = summary["timing"]
     isp = summary["instant_soup"]
     test_note = (
-        f"**The knee and the Instant Soup rounds were chosen on the test split** (no validation split: "
+        "**The knee and the Instant Soup rounds were chosen on the test split** (no validation split: "
         "`train.holdout=0`), so the test accuracies above are optimistic; set `train.holdout` for an honest run."
         if split == "test" else
         f"Decisions (the knee, Instant Soup's rounds) are measured on the validation split carved from the training set "

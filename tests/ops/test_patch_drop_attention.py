@@ -324,9 +324,9 @@ def test_bad_arguments_raise():
 
 
 def test_triton_on_plain_cpu_is_refused(monkeypatch):
-    from lotus_kernels.backends import attention
+    from lotus_kernels.backends import triton
 
-    monkeypatch.setattr(attention, "INTERPRET", False)  # read once, at import, as triton reads it
+    monkeypatch.setattr(triton, "INTERPRET", False)  # read once, at import, as triton reads it
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         ops.patch_drop_attention(torch.randn(1, 5, 3 * 16), None, 1, backend="triton")
 

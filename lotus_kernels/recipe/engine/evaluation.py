@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..data import DeviceLoader, ImageSet
 from .devices import resolve_amp_dtype, resolve_compile
 from .distributed import DistInfo, all_reduce_sum, distributed_from_env
-from .train_step import COMPILE_MODES, HookedForward, autocast, module_device, warn_compile_failed
+from .train_step import HookedForward, check_compile, autocast, module_device, warn_compile_failed
 
 
 EVAL_BATCH_SIZE = 512
@@ -91,10 +91,7 @@ def evaluate(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if token_hook is not None and not callable(token_hook):
         raise TypeError(f"token_hook must be callable(model, x) -> logits, got {type(token_hook).__name__}")
-    if compile not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-    if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+    check_compile(compile, compile_mode)
     if not isinstance(tta_flip, bool):
         raise TypeError(f"tta_flip must be a bool, got {type(tta_flip).__name__} {tta_flip!r}")
     model = _unwrap(model)

@@ -45,10 +45,19 @@ import torch.nn.functional as F
 
 from ..data.loader import BatchDraws
 
-__all__ = ["COMPILE_MODES", "StepOutput", "TrainStep", "WeightEMA", "warn_compile_failed"]
+__all__ = ["COMPILE_MODES", "StepOutput", "check_compile", "TrainStep", "WeightEMA", "warn_compile_failed"]
 
 # torch.compile's modes; "reduce-overhead" and "max-autotune" add CUDA graphs on CUDA (nothing on CPU).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile(compile, compile_mode: str) -> None:
+    """ValueError unless compile is True, False or "auto" and compile_mode one of COMPILE_MODES
+    (the arguments TrainStep, evaluate and Instant Soup's train function take alike)."""
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
@@ -219,10 +228,7 @@ class TrainStep:
         compile_mode: str = "default",
         ema: WeightEMA | None = None,
     ):
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-        if compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        check_compile(compile, compile_mode)
         if not callable(schedule):
             raise TypeError(f"schedule must be callable(step) -> lr, got {type(schedule).__name__}")
         self.model = model

@@ -44,7 +44,7 @@ from ..engine.config import Config
 from ..engine.devices import AMP_MODES
 from ..engine.loop import train
 from ..engine.train_config import TrainConfig
-from ..engine.train_step import COMPILE_MODES, module_device
+from ..engine.train_step import check_compile, module_device
 from ..seeding import derive_seed
 from lotus_kernels.masks import check_sparsity, global_score_masks, num_pruned
 from .essential_sparsity import make_eval_fn
@@ -381,10 +381,7 @@ def make_train_fn(
         raise TypeError(f"augment must be a bool, got {type(augment).__name__} {augment!r}")
     if token_hook is not None and not callable(token_hook):
         raise TypeError(f"token_hook must be callable(model, x) -> logits, got {type(token_hook).__name__}")
-    if compile not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-    if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+    check_compile(compile, compile_mode)
     recipe = {
         "epochs": epochs, "lr": float(lr), "min_lr": float(min_lr), "weight_decay": float(weight_decay),
         "warmup_epochs": warmup_fraction * epochs, "label_smoothing": float(label_smoothing), "grad_clip": float(grad_clip),
