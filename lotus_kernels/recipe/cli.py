@@ -8,6 +8,7 @@
     lotus info   [--json]
     lotus bench-report FILE.json ... [--out DIR] | --compare [OLD.json] NEW.json | --compare-each NEW.json ... [--threshold 0.10]
     lotus pipeline [--config FILE] [--data ...] [--preset ...] [--epochs N] [--set key=value ...] [--demo] [--out DIR] [--resume | --overwrite]
+                   [--profile auto|quick|fast|full]
     lotus ablate  (--from PIPELINE_RUN | --config FILE | --demo) [--variants NAME ...] [--set key=value ...] [--out DIR]
     lotus tickets --checkpoint DENSE.pt [--keep-ratio 0.5] [--mode online|fixed|random] [--epochs N] [--out DIR] [--resume | --overwrite]
     lotus prune   --checkpoint DENSE.pt --out DIR [--method instant-soup|one-shot|essential] [--sparsity 0.5]
@@ -114,12 +115,12 @@ def flag_fields(args) -> dict:
 PROFILES = ("auto", "quick", "fast", "full")
 
 
-def apply_profile(profile: str, fields: dict) -> dict:
-    """``fields`` completed by the training profile: "quick" fills every field the user did not
+def apply_profile(profile: str, fields: dict, command: str = "train") -> dict:
+    """``fields`` (TrainConfig fields) completed by the training profile: "quick" fills every field the user did not
     give from ``engine.presets.quick_recipe()`` (about a minute on a CPU); "fast" from ``engine.presets.fast_recipe()``
     (CIFAR-10 accuracy per second on a GPU: vit_lite_cifar, batch 512, compiled step, EMA, flip TTA);
     "full" leaves TrainConfig's defaults; "auto" is "quick" for the synthetic set on a CPU, "fast"
-    for CIFAR-10 on a CUDA device, and "full" otherwise. Prints what it filled."""
+    for CIFAR-10 on a CUDA device, and "full" otherwise. Prints what it filled (``lotus <command>: ...``)."""
     import torch
 
     from .engine.presets import fast_recipe, quick_recipe
@@ -138,7 +139,7 @@ def apply_profile(profile: str, fields: dict) -> dict:
     filled = {k: v for k, v in recipe.items() if k not in fields}
     if filled:
         shown = ", ".join(f"{k}={v}" for k, v in filled.items())
-        print(f"lotus train: {profile} profile ({what}): {shown}; --profile full for TrainConfig's defaults", file=sys.stderr)
+        print(f"lotus {command}: {profile} profile ({what}): {shown}; --profile full for TrainConfig's defaults", file=sys.stderr)
     return {**fields, **filled}
 
 
@@ -252,6 +253,11 @@ def _pipeline_fields(args, base: dict | None = None) -> dict:
             fields["train"][key[len("train."):]] = value
         else:
             fields[key] = value
+    # The dense run's recipe, as `lotus train` picks it; --demo (and a run reused by --from) bring their
+    # own, so "auto" leaves them as they are. An explicit --profile fills what they leave out.
+    profile = getattr(args, "profile", "full")
+    if profile != "auto" or not (args.demo or base is not None):
+        fields["train"] = apply_profile(profile, fields["train"], args.command)
     return fields
 
 
@@ -384,6 +390,15 @@ def _add_train_flags(parser) -> None:
     )
 
 
+def _add_profile_flag(parser, what: str) -> None:
+    parser.add_argument(
+        "--profile", choices=PROFILES, default="auto",
+        help=f"fills the {what} not given. quick: a one-minute CPU recipe; fast: CIFAR-10 accuracy per second on a GPU "
+        "(engine.presets.fast_recipe: vit_lite_cifar, batch 512, compiled step, EMA, flip TTA); full: TrainConfig's defaults; "
+        "auto (default): quick for the synthetic set on a CPU, fast for CIFAR-10 on CUDA, else full",
+    )
+
+
 def _version() -> str:
     from lotus_kernels import __version__
 
@@ -406,12 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default runs/<model>-<dataset>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
-    train.add_argument(
-        "--profile", choices=PROFILES, default="auto",
-        help="fills the fields not given. quick: a one-minute CPU recipe; fast: CIFAR-10 accuracy per second on a GPU "
-        "(engine.presets.fast_recipe: vit_lite_cifar, batch 512, compiled step, EMA, flip TTA); full: TrainConfig's defaults; "
-        "auto (default): quick for the synthetic set on a CPU, fast for CIFAR-10 on CUDA, else full",
-    )
+    _add_profile_flag(train, "training fields")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
@@ -449,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser("pipeline", help="the LOTUS method end to end: dense, tickets, ES, ISP, pattern, fine-tune, export")
     _add_train_flags(pipeline)
     pipeline.add_argument("--demo", action="store_true", help="start from the demo settings (synthetic data, minutes on a CPU)")
+    _add_profile_flag(pipeline, "dense run's training fields (the later stages reuse its recipe); auto leaves --demo's alone")
     pipeline.add_argument("--print-report", action="store_true", help="print report.md at the end")
     pipeline.add_argument("--out", help="output folder (default runs/pipeline-<model>-<dataset>)")
     _add_resume_flags(pipeline, "continue the pipeline run in --out (same config): finished stages are read back, a stage cut short continues")

@@ -220,6 +220,26 @@ def test_train_profile_quick_fills_only_what_the_user_left_out(monkeypatch, caps
         cli.apply_profile("fastest", {})
 
 
+def test_pipeline_profile_fills_the_dense_runs_fields_and_leaves_the_demo_alone(monkeypatch, capsys):
+    from lotus_kernels.recipe.engine import fast_recipe
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    parse = cli.build_parser().parse_args
+    # auto on CUDA with CIFAR-10: the fast recipe, as `lotus train` picks it; the user's fields win.
+    fields = cli._pipeline_fields(parse(["pipeline", "--data", "cifar10", "--epochs", "3", "--set", "train.lr=1e-3"]))
+    assert fields["train"] == {**fast_recipe(), "dataset": "cifar10", "epochs": 3, "lr": 1e-3}
+    assert "lotus pipeline: fast profile" in capsys.readouterr().err
+    # The pipeline's own fields are not the profile's business.
+    assert set(fields) == {"train"}
+    # --demo brings its own recipe: auto leaves it exactly as it is, an explicit profile fills the rest.
+    assert cli._pipeline_fields(parse(["pipeline", "--demo"])) == cli.DEMO_PIPELINE
+    filled = cli._pipeline_fields(parse(["pipeline", "--demo", "--profile", "fast"]))["train"]
+    assert filled == {**fast_recipe(), **cli.DEMO_PIPELINE["train"]}
+    # full: TrainConfig's defaults, nothing filled; ablate (no --profile) never fills.
+    assert cli._pipeline_fields(parse(["pipeline", "--data", "cifar10", "--profile", "full"]))["train"] == {"dataset": "cifar10"}
+    assert cli._pipeline_fields(parse(["ablate", "--data", "cifar10"]))["train"] == {"dataset": "cifar10"}
+
+
 def test_train_profile_is_recorded_in_the_run_and_not_reapplied_on_resume(tmp_path, capsys):
     out = tmp_path / "run"
     config = tmp_path / "micro.json"

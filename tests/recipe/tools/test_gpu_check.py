@@ -243,3 +243,57 @@ def test_the_command_reports_bad_arguments_in_one_line(tmp_path, capsys):
     assert "unknown ['bogus']" in capsys.readouterr().err
     (tmp_path / "f").write_text("")
     assert cli.main(["gpu-check", "--out", str(tmp_path / "f")]) == 2
+
+
+def test_lotus_table_step_runs_the_fast_pipeline_with_a_validation_split(tmp_path):
+    from lotus_kernels.recipe.engine import fast_recipe
+    from lotus_kernels.recipe.pipeline import PipelineConfig
+    from lotus_kernels.recipe.tools.gpu_check.steps import table_command
+
+    (tmp_path / "cifar.tar.gz").touch()  # the config checks that the source exists, not what it holds
+    argv = table_command(tmp_path / "cifar.tar.gz", tmp_path / "run", "40")
+    assert argv[1:3] == ["-m", "lotus_kernels"]
+    args = cli.build_parser().parse_args(argv[3:])
+    config = PipelineConfig.from_dict(cli._pipeline_fields(args))
+    train = config.train_config
+    assert config.patterns == ("unstructured", "2:4") and config.target_sparsity == 0.5
+    assert train.holdout == 5000 and train.epochs == 40 and train.data_path == str(tmp_path / "cifar.tar.gz")
+    assert (train.model, train.batch_size, train.lr, train.ema) == tuple(fast_recipe()[k] for k in ("model", "batch_size", "lr", "ema"))
+    assert args.out == str(tmp_path / "run") and args.overwrite
+
+
+def test_lotus_table_record_and_summary_finished_and_cut_short(tmp_path):
+    from lotus_kernels.recipe.tools.gpu_check.steps import table_record
+
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    rows = [
+        {"stage": "dense", "sparsity": 0.0, "acc_all_patches": 0.9, "note": ""},
+        {"stage": "tickets", "sparsity": 0.0, "acc_all_patches": 0.895, "acc_tickets": 0.88, "note": ""},
+        {"stage": "tickets + 2:4 pruning", "sparsity": 0.5, "acc_all_patches": 0.8812, "acc_tickets": 0.87, "note": ""},
+    ]
+    es = {"knee": 0.3, "dense_accuracy": 0.9, "curve": {"0.1": 0.9, "0.3": 0.893}}
+    (finished / "summary.json").write_text(json.dumps({"rows": rows, "essential_sparsity": es, "decision_split": "val", "timing": {}, "other": 1}))
+    record = table_record(finished)
+    assert record["finished"] and "other" not in record and record["essential_sparsity"] == es
+    assert [r["points_vs_dense"] for r in record["rows"]] == [0.0, -0.5, -1.88]
+
+    cut = tmp_path / "cut"
+    for stage, lines in (("dense", [{"epoch": 5, "test_acc": 0.7}, {"epoch": 6}, {"epoch": 10, "test_acc": 0.8}]), ("tickets", [{"epoch": 1}])):
+        (cut / stage).mkdir(parents=True)
+        (cut / stage / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    (cut / "essential_sparsity").mkdir()  # no metrics: not a finished epoch
+    assert table_record(cut) == {
+        "finished": False, "stages_with_metrics": ["dense", "tickets"],
+        "dense_curve": [{"epoch": 5, "test_acc": 0.7}, {"epoch": 10, "test_acc": 0.8}],
+    }
+
+    cases = [
+        {"group": "lotus_table", "name": "fast-40ep", "returncode": 0, "wall_s": 400.0, **record},
+        {"group": "lotus_table", "name": "fast-100ep", "returncode": "stopped at the step's deadline", "wall_s": 500.0, **table_record(cut)},
+    ]
+    text = summary.render({"cases": cases, "steps": []})
+    assert "## LOTUS table on CIFAR-10" in text
+    assert "| tickets + 2:4 pruning | 50% | 88.1% | 87.0% | -1.88 |" in text and "| dense | 0% | 90.0% | - | +0.00 |" in text
+    assert "Essential Sparsity (val split, no fine-tuning): 10%: 90.0%, 30%: 89.3%; knee 30.0%" in text
+    assert "not finished: stages with metrics ['dense', 'tickets']; dense run: 70.0% after epoch 5, 80.0% after epoch 10" in text

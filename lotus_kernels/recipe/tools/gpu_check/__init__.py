@@ -17,6 +17,8 @@ deadline carved from one budget:
     correctness-cusparselt   the same for cuSPARSELt, apart
     tests          the whole test suite (resumable: --resume skips what passed)
     cifar10        the fast training profile on CIFAR-10 (when the data is there), up to the step's deadline
+    lotus-table    the LOTUS pipeline on CIFAR-10 from the fast profile's dense run (dense, tickets vs random,
+                   Essential Sparsity, Instant Soup to 50 %, 2:4), up to the step's deadline
 
 Everything lands in one folder of at most eight files (a lease returns
 eight): ``summary.md`` (one page: steps, targets pass / fail / pending,

@@ -19,7 +19,11 @@ Bodies run here (``python -m lotus_kernels.recipe.tools.gpu_check.steps NAME OUT
   the case it hit), then timed at ViT-B MLP shape against dense. The step
   fails only if the proven configuration fails; later steps then run with
   ``LOTUS_CUSPARSELT=off``;
-- ``cifar10``: the fast training profile on CIFAR-10 (``lotus train --profile fast``).
+- ``cifar10``: the fast training profile on CIFAR-10 (``lotus train --profile fast``);
+- ``lotus-table``: the LOTUS pipeline on CIFAR-10 with the fast profile's dense
+  run (``lotus pipeline --profile fast``, patterns unstructured and 2:4): the
+  issue-17 table of dense, tickets vs random patches, the Essential Sparsity
+  curve, Instant Soup to 50 % and 2:4.
 """
 
 from __future__ import annotations
@@ -134,13 +138,16 @@ def _data_path() -> Path | None:
     return path if path.exists() else None
 
 
-def _cifar10(ctx: Context) -> Command | str:
-    data = _data_path()
-    if data is None:
-        return f"no CIFAR-10 data: put the archive at {DEFAULT_DATA} or name it in ${DATA_ENV}"
-    command = _body("cifar10")(ctx)
-    # Absolute: the step runs in the source checkout, which need not be where the check was started.
-    return Command(command.argv, {**command.env, DATA_ENV: str(data.resolve())})
+def _on_cifar10(name: str):
+    def prepare(ctx: Context) -> Command | str:
+        data = _data_path()
+        if data is None:
+            return f"no CIFAR-10 data: put the archive at {DEFAULT_DATA} or name it in ${DATA_ENV}"
+        command = _body(name)(ctx)
+        # Absolute: the step runs in the source checkout, which need not be where the check was started.
+        return Command(command.argv, {**command.env, DATA_ENV: str(data.resolve())})
+
+    return prepare
 
 
 def _cusparselt_after(ctx: Context, result: StepResult) -> None:
@@ -160,7 +167,8 @@ STEPS = (
     Step("correctness", "fast tier: every op forward and backward", _correctness("not cusparselt"), min_s=30, max_s=180),
     Step("correctness-cusparselt", "fast tier, cuSPARSELt apart", _correctness("cusparselt", "tests/ops/test_cusparselt.py"), min_s=15, max_s=90),
     Step("tests", "the whole test suite (resumable)", _tests, min_s=60),
-    Step("cifar10", "the fast profile on CIFAR-10", _cifar10, min_s=60),
+    Step("cifar10", "the fast profile on CIFAR-10", _on_cifar10("cifar10"), min_s=60),
+    Step("lotus-table", "the LOTUS pipeline at the fast profile's scale on CIFAR-10", _on_cifar10("lotus-table"), min_s=120),
 )
 
 
@@ -332,6 +340,19 @@ def cusparselt_config_step(out: Path, name: str) -> int:
     return 0
 
 
+def _run_before_deadline(command: list[str]) -> tuple[int | str, float]:
+    """(exit code, or "stopped at the step's deadline"; wall seconds) of ``command``, stopped 15 s before
+    the step's deadline (LOTUS_DEADLINE) so that the step can still record what the command left."""
+    deadline = os.environ.get("LOTUS_DEADLINE")
+    timeout = max(1.0, float(deadline) - time.time() - 15) if deadline else None
+    start = time.perf_counter()
+    try:
+        returncode: int | str = subprocess.run(command, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        returncode = "stopped at the step's deadline"
+    return returncode, time.perf_counter() - start
+
+
 def cifar10_step(out: Path) -> int:
     """The fast profile on CIFAR-10 (``lotus train --profile fast``: the issue-17 recipe, compiled step); one record.
 
@@ -347,19 +368,12 @@ def cifar10_step(out: Path) -> int:
 
     data = _data_path()
     epochs = os.environ.get("LOTUS_GPU_CHECK_EPOCHS")
-    deadline = os.environ.get("LOTUS_DEADLINE")
-    timeout = max(1.0, float(deadline) - time.time() - 15) if deadline else None
     with tempfile.TemporaryDirectory() as tmp:
         command = [
             sys.executable, "-m", "lotus_kernels", "train", "--data", "cifar10", "--data-path", str(data), "--profile", "fast",
             *(["--epochs", epochs] if epochs else []), "--set", "progress=false", "--out", tmp, "--overwrite",
         ]
-        start = time.perf_counter()
-        try:
-            returncode = subprocess.run(command, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            returncode = "stopped at the step's deadline"
-        wall = time.perf_counter() - start
+        returncode, wall = _run_before_deadline(command)
         metrics = read_jsonl(Path(tmp) / "metrics.jsonl") if (Path(tmp) / "metrics.jsonl").exists() else []
         config = json.loads((Path(tmp) / "config.json").read_text()) if (Path(tmp) / "config.json").exists() else None
     elapsed, curve = 0.0, []
@@ -379,9 +393,65 @@ def cifar10_step(out: Path) -> int:
     return returncode if isinstance(returncode, int) else 1
 
 
+# The table's settings beyond the fast profile: a validation split for the decisions (the knee, Instant
+# Soup's rounds), so no decision looks at the test set; both patterns the issue asks for.
+TABLE_SETTINGS = ("train.holdout=5000", 'patterns=["unstructured", "2:4"]', "train.progress=false")
+
+
+def table_command(data: Path, out: Path, epochs: str | None) -> list[str]:
+    """``lotus pipeline`` for the LOTUS table: the fast profile's dense run (``epochs`` of it when given)."""
+    settings = [item for setting in TABLE_SETTINGS for item in ("--set", setting)]
+    return [
+        sys.executable, "-m", "lotus_kernels", "pipeline", "--data", "cifar10", "--data-path", str(data), "--profile", "fast",
+        *(["--epochs", epochs] if epochs else []), *settings, "--out", str(out), "--overwrite",
+    ]
+
+
+def table_record(out: Path) -> dict:
+    """What a (finished or cut short) pipeline run folder says: the rows with their distance to dense, the
+    Essential Sparsity curve, Instant Soup and timing, from summary.json; a run stopped before the end has
+    no summary, and then the record names the stages that finished an epoch and the dense run's curve."""
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        rows = summary.get("rows", [])
+        dense = next((r.get("acc_all_patches") for r in rows if r.get("stage") == "dense"), None)
+        for r in rows:
+            if isinstance(dense, float) and isinstance(r.get("acc_all_patches"), float):
+                r["points_vs_dense"] = round((r["acc_all_patches"] - dense) * 100, 2)
+        keep = ("rows", "essential_sparsity", "instant_soup", "timing", "decision_split", "test_images", "config")
+        return {"finished": True, **{k: summary[k] for k in keep if k in summary}}
+    stages = sorted(p.parent.name for p in out.glob("*/metrics.jsonl"))
+    dense = read_jsonl(out / "dense" / "metrics.jsonl") if (out / "dense" / "metrics.jsonl").exists() else []
+    curve = [{"epoch": m["epoch"], "test_acc": m["test_acc"]} for m in dense if m.get("test_acc") is not None]
+    return {"finished": False, "stages_with_metrics": stages, "dense_curve": curve}
+
+
+def lotus_table_step(out: Path) -> int:
+    """The LOTUS pipeline at the fast profile's scale on CIFAR-10 (``table_command``); one record.
+
+    The dense run's epochs come from the profile unless LOTUS_GPU_CHECK_EPOCHS says otherwise; the run stops
+    a little before the step's deadline (LOTUS_DEADLINE) and what it finished is recorded (``table_record``).
+    """
+    import torch
+
+    from lotus_kernels.info import environment
+
+    epochs = os.environ.get("LOTUS_GPU_CHECK_EPOCHS")
+    with tempfile.TemporaryDirectory() as tmp:
+        command = table_command(_data_path(), Path(tmp), epochs)
+        returncode, wall = _run_before_deadline(command)
+        record = table_record(Path(tmp))
+    _record(out, {
+        "group": "lotus_table", "name": f"fast-{epochs}ep" if epochs else "fast-profile", **environment("cuda" if torch.cuda.is_available() else "cpu"),
+        "command": " ".join(command[1:]).replace(str(tmp), "TMP"), "returncode": returncode, "wall_s": round(wall, 1), **record,
+    })
+    return returncode if isinstance(returncode, int) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lotus_kernels.recipe.tools.gpu_check.steps", description="one gpu-check step body")
-    parser.add_argument("step", choices=("env", "cusparselt", "cusparselt-config", "cifar10"))
+    parser.add_argument("step", choices=("env", "cusparselt", "cusparselt-config", "cifar10", "lotus-table"))
     parser.add_argument("out", type=Path)
     parser.add_argument("config", nargs="?", help="cusparselt-config: the configuration's name")
     args = parser.parse_args(argv)
@@ -391,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         return cusparselt_step(args.out)
     if args.step == "cusparselt-config":
         return cusparselt_config_step(args.out, args.config)
+    if args.step == "lotus-table":
+        return lotus_table_step(args.out)
     return cifar10_step(args.out)
 
 

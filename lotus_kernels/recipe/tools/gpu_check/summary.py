@@ -17,11 +17,16 @@ from collections import Counter, defaultdict
 from .. import bench_report
 
 MAX_FAILURES_LISTED = 25
-_NOT_BENCH = ("env", "cusparselt_probe", "cusparselt_config", "cifar10")
+_NOT_BENCH = ("env", "cusparselt_probe", "cusparselt_config", "cifar10", "lotus_table")
 
 
 def _num(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _seconds(value) -> str:
+    """'480 s' (a document written by a crashed run may lack the number: '-')."""
+    return f"{value:.0f} s" if _num(value) else "-"
 
 
 def _esc(text) -> str:
@@ -44,7 +49,7 @@ def _header(doc: dict) -> list[str]:
     lines = [f"# lotus gpu-check: {env.get('device', doc.get('device_kind', 'unknown device'))}", ""]
     lines.append(
         f"{env.get('date', doc.get('started', '-'))}; torch {versions.get('torch', '-')}, triton {versions.get('triton', '-')}, "
-        f"lotus_kernels {versions.get('lotus_kernels', '-')}; budget {doc.get('budget_s', '-'):g} s, used {doc.get('elapsed_s', 0):.0f} s; "
+        f"lotus_kernels {versions.get('lotus_kernels', '-')}; budget {_seconds(doc.get('budget_s'))}, used {_seconds(doc.get('elapsed_s'))}; "
         f"`{_esc(doc.get('command', ''))}`"
     )
     peaks = {c.get("name"): c for c in doc.get("cases", []) if c.get("group") == "env"}
@@ -188,11 +193,34 @@ def _training(cases: list[dict]) -> list[str]:
     return ["", "## CIFAR-10 training", "", *lines] if lines else []
 
 
+def _pct(value) -> str:
+    return f"{value * 100:.1f}%" if _num(value) else "-"
+
+
+def _lotus_table(cases: list[dict]) -> list[str]:
+    lines = []
+    for run in (c for c in cases if c.get("group") == "lotus_table"):
+        lines += [f"- {run.get('name')}: exit {run.get('returncode')}, {run.get('wall_s')} s wall"]
+        if not run.get("finished"):
+            curve = ", ".join(f"{_pct(p.get('test_acc'))} after epoch {p.get('epoch')}" for p in run.get("dense_curve") or [])
+            lines[-1] += f"; not finished: stages with metrics {run.get('stages_with_metrics') or '-'}; dense run: {curve or '-'}"
+            continue
+        lines += ["", "| stage | sparsity | all patches | on its kept patches | vs dense (points) |", "|---|---|---|---|---|"]
+        for r in run.get("rows") or []:
+            sparsity = f"{r['sparsity']:.0%}" if _num(r.get("sparsity")) else "-"
+            points = f"{r['points_vs_dense']:+.2f}" if _num(r.get("points_vs_dense")) else "-"
+            lines.append(f"| {_esc(r.get('stage'))} | {sparsity} | {_pct(r.get('acc_all_patches'))} | {_pct(r.get('acc_tickets'))} | {points} |")
+        es = run.get("essential_sparsity") or {}
+        curve = ", ".join(f"{float(s):.0%}: {_pct(a)}" for s, a in (es.get("curve") or {}).items())
+        lines += ["", f"Essential Sparsity ({run.get('decision_split', 'val')} split, no fine-tuning): {curve or '-'}; knee {_pct(es.get('knee'))}", ""]
+    return ["", "## LOTUS table on CIFAR-10", "", *lines] if lines else []
+
+
 def render(doc: dict) -> str:
     """The markdown page of a gpu-check run document (what gpu_check.json holds)."""
     cases = doc.get("cases", [])
     rows = bench_rows(cases)
     lines = _header(doc) + _steps(doc)
     lines += [""] + bench_report.target_lines(rows)
-    lines += _speed(rows) + _cusparselt(cases) + _tests(doc.get("tests", [])) + _training(cases)
+    lines += _speed(rows) + _cusparselt(cases) + _tests(doc.get("tests", [])) + _training(cases) + _lotus_table(cases)
     return "\n".join(lines) + "\n"
