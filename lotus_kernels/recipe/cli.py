@@ -329,12 +329,15 @@ def _tickets(args) -> int:
 def _prune(args) -> int:
     from .stages import prune_checkpoint
 
+    # The sweep's and Instant Soup's settings the user left out take prune_checkpoint's defaults (the recipe's, kept once).
+    given = {
+        "es_sparsities": args.es_sparsities, "max_drop": args.max_drop, "ingredients": args.ingredients, "subset_fraction": args.subset_fraction,
+        "prune_step": args.prune_step, "vote_threshold": args.vote_threshold, "ingredient_epochs": args.isp_epochs, "isp_lr": args.isp_lr,
+    }
     result = prune_checkpoint(
         args.checkpoint, args.out, method=args.method, sparsity=args.sparsity, pattern=args.pattern, block_size=args.block_size,
-        **({"es_sparsities": args.es_sparsities} if args.es_sparsities is not None else {}), max_drop=args.max_drop, ingredients=args.ingredients,
-        subset_fraction=args.subset_fraction, prune_step=args.prune_step, vote_threshold=args.vote_threshold,
-        ingredient_epochs=args.isp_epochs, isp_lr=args.isp_lr, isp_start=args.isp_start,
-        overrides=parse_overrides(args.set), overwrite=args.overwrite,
+        isp_start=args.isp_start, overrides=parse_overrides(args.set), overwrite=args.overwrite,
+        **{k: v for k, v in given.items() if v is not None},
     )
     split = result["eval_split"]
     line = {k: result[k] for k in ("method", "pattern", "sparsity", "pruned", "prunable", "eval_split")}
@@ -497,13 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--pattern", default="unstructured", help="unstructured (default) | 2:4 (needs --sparsity 0.5) | block")
     prune.add_argument("--block-size", type=int, default=32, help="block pattern: square blocks of this side (default 32)")
     prune.add_argument("--es-sparsities", type=float, nargs="+", default=None, metavar="S", help="Essential Sparsity sweep grid (default 0.1 ... 0.9)")
-    prune.add_argument("--max-drop", type=float, default=0.01, help="knee: largest sparsity within this accuracy fraction of dense (default 0.01)")
-    prune.add_argument("--ingredients", type=int, default=5, help="ISP ingredients per round (default 5)")
-    prune.add_argument("--subset-fraction", type=float, default=0.1, help="ISP: each ingredient's share of the training set (default 0.1)")
-    prune.add_argument("--prune-step", type=float, default=0.1, help="ISP: fraction of the kept weights pruned per round (default 0.1)")
-    prune.add_argument("--vote-threshold", type=int, default=1, help="ISP: keep a weight kept by at least this many ingredients (default 1: union)")
-    prune.add_argument("--isp-epochs", type=int, default=1, help="ISP: epochs per ingredient on its subset (default 1)")
-    prune.add_argument("--isp-lr", type=float, default=1e-4, help="ISP: ingredient learning rate (default 1e-4)")
+    prune.add_argument("--max-drop", type=float, default=None, help="knee: largest sparsity within this accuracy fraction of dense (default 0.01)")
+    prune.add_argument("--ingredients", type=int, default=None, help="ISP ingredients per round (default 5)")
+    prune.add_argument("--subset-fraction", type=float, default=None, help="ISP: each ingredient's share of the training set (default 0.1)")
+    prune.add_argument("--prune-step", type=float, default=None, help="ISP: fraction of the kept weights pruned per round (default 0.1)")
+    prune.add_argument("--vote-threshold", type=int, default=None, help="ISP: keep a weight kept by at least this many ingredients (default 1: union)")
+    prune.add_argument("--isp-epochs", type=int, default=None, help="ISP: epochs per ingredient on its subset (default 1)")
+    prune.add_argument("--isp-lr", type=float, default=None, help="ISP: ingredient learning rate (default 1e-4)")
     prune.add_argument("--isp-start", default="knee", help="ISP starts from the Essential Sparsity knee (default) or 'dense'")
     prune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field of the checkpoint, e.g. data_path")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing pruned.pt in --out")

@@ -60,7 +60,7 @@ from .engine.build import build_data
 from .engine.config import Config
 from .engine.devices import resolve_device
 from .engine.train_config import TrainConfig
-from .method.essential_sparsity import DEFAULT_SPARSITIES, EssentialSparsityResult, essential_sparsity_sweep, plot_essential_sparsity
+from .method.essential_sparsity import DEFAULT_MAX_DROP, DEFAULT_SPARSITIES, EssentialSparsityResult, essential_sparsity_sweep, plot_essential_sparsity
 from .method.instant_soup import plot_instant_soup
 from .method.masking import apply_masks_, global_sparsity, hold_masks_, prunable_weights, project_masks, release_masks_, sparsify_masked_
 from .method.tickets import prepare_student_
@@ -104,14 +104,14 @@ class PipelineConfig(Config):
     ticket_lr_scale: float = 0.5  # fine-tuning lr = dense lr * this
     random_control: bool = True
     es_sparsities: tuple = DEFAULT_SPARSITIES
-    es_max_drop: float = 0.01
+    es_max_drop: float = DEFAULT_MAX_DROP
     target_sparsity: float = 0.5
-    ingredients: int = 5
-    subset_fraction: float = 0.1
-    prune_step: float = 0.1
-    vote_threshold: int = 1
-    ingredient_epochs: int = 1
-    isp_lr: float = 1e-4
+    ingredients: int = InstantSoupStage.ingredients
+    subset_fraction: float = InstantSoupStage.subset_fraction
+    prune_step: float = InstantSoupStage.prune_step
+    vote_threshold: int = InstantSoupStage.vote_threshold
+    ingredient_epochs: int = InstantSoupStage.ingredient_epochs
+    isp_lr: float = InstantSoupStage.isp_lr
     patterns: tuple = ("unstructured",)
     block_size: int = 32
     finetune_epochs: int = 5

@@ -68,7 +68,7 @@ from .engine.devices import resolve_device
 from .engine.evaluation import evaluate
 from .engine.loop import TrainResult, train
 from .engine.train_config import TrainConfig
-from .method.essential_sparsity import DEFAULT_SPARSITIES, essential_sparsity_sweep, one_shot_masks, plot_essential_sparsity
+from .method.essential_sparsity import DEFAULT_MAX_DROP, DEFAULT_SPARSITIES, check_max_drop, essential_sparsity_sweep, one_shot_masks, plot_essential_sparsity
 from .method.instant_soup import InstantSoupConfig, InstantSoupResult, instant_soup_prune, make_train_fn, plot_instant_soup
 from .method.masking import apply_masks_, prunable_weights, sparsify_masked_
 from .method.tickets import MODES, TicketSelector, prepare_student_, ticket_hooks
@@ -248,11 +248,12 @@ class InstantSoupStage:
     Construction checks them all (nothing trains before).
     """
 
+    # The recipe's Instant Soup defaults, here once: the pipeline, `lotus prune` and prune_checkpoint take theirs from these.
     target_sparsity: float
-    ingredients: int = 5
-    subset_fraction: float = 0.1
-    prune_step: float = 0.1
-    vote_threshold: int = 1
+    ingredients: int = InstantSoupConfig.ingredients
+    subset_fraction: float = InstantSoupConfig.subset_fraction
+    prune_step: float = InstantSoupConfig.prune_step
+    vote_threshold: int = InstantSoupConfig.vote_threshold
     ingredient_epochs: int = 1
     isp_lr: float = 1e-4
 
@@ -325,13 +326,13 @@ def prune_checkpoint(
     pattern: str = "unstructured",
     block_size: int = 32,
     es_sparsities=DEFAULT_SPARSITIES,
-    max_drop: float = 0.01,
-    ingredients: int = 5,
-    subset_fraction: float = 0.1,
-    prune_step: float = 0.1,
-    vote_threshold: int = 1,
-    ingredient_epochs: int = 1,
-    isp_lr: float = 1e-4,
+    max_drop: float = DEFAULT_MAX_DROP,
+    ingredients: int = InstantSoupStage.ingredients,
+    subset_fraction: float = InstantSoupStage.subset_fraction,
+    prune_step: float = InstantSoupStage.prune_step,
+    vote_threshold: int = InstantSoupStage.vote_threshold,
+    ingredient_epochs: int = InstantSoupStage.ingredient_epochs,
+    isp_lr: float = InstantSoupStage.isp_lr,
     isp_start: str = "knee",
     overrides: dict | None = None,
     overwrite: bool = False,
@@ -375,8 +376,7 @@ def prune_checkpoint(
     if isinstance(es_sparsities, (str, bytes)) or not isinstance(es_sparsities, (list, tuple)) or not es_sparsities:
         raise ValueError(f"es_sparsities must be a non-empty list of sparsities in [0, 1), got {es_sparsities!r}")
     es_sparsities = [check_sparsity(s, "es_sparsities") for s in es_sparsities]
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop <= 1:
-        raise ValueError(f"max_drop must be an accuracy fraction in [0, 1] (0.01 = 1 point), got {max_drop!r}")
+    max_drop = check_max_drop(max_drop)
     _check_choice(isp_start, "isp_start", ISP_STARTS)
     isp = InstantSoupStage(
         sparsity, ingredients=ingredients, subset_fraction=subset_fraction, prune_step=prune_step, vote_threshold=vote_threshold,

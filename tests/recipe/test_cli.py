@@ -251,3 +251,23 @@ def test_train_profile_is_recorded_in_the_run_and_not_reapplied_on_resume(tmp_pa
     assert cli.main(["train", "--out", str(out), "--resume", "--set", "epochs=2"]) == 0
     assert "quick profile" not in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["augment"] is False
+
+
+def test_prune_flags_left_out_take_prune_checkpoints_defaults_and_the_help_says_them():
+    import inspect
+    import re
+
+    from lotus_kernels.recipe.stages import InstantSoupStage, prune_checkpoint
+
+    defaults = {name: p.default for name, p in inspect.signature(prune_checkpoint).parameters.items()}
+    assert defaults["ingredients"] == InstantSoupStage.ingredients and defaults["isp_lr"] == InstantSoupStage.isp_lr
+    prune = cli.build_parser()._subparsers._group_actions[0].choices["prune"]
+    checked = 0
+    for action in prune._actions:
+        name = {"isp_epochs": "ingredient_epochs"}.get(action.dest, action.dest)
+        said = re.search(r"\(default ([0-9.e-]+)", action.help or "")
+        if said and name in defaults and name not in ("sparsity", "block_size", "es_sparsities"):
+            assert action.default is None, f"--{action.dest} must leave its default to prune_checkpoint"
+            assert float(said.group(1)) == defaults[name], f"--{action.dest}'s help says {said.group(1)}, the default is {defaults[name]}"
+            checked += 1
+    assert checked == 7

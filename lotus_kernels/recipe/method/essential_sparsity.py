@@ -32,7 +32,9 @@ from lotus_kernels.masks import check_sparsity, global_magnitude_masks
 from .masking import FilterFn, weight_parameter, apply_masks_, prunable_layers, prunable_weights
 
 __all__ = [
+    "DEFAULT_MAX_DROP",
     "DEFAULT_SPARSITIES",
+    "check_max_drop",
     "EssentialSparsityResult",
     "one_shot_masks",
     "prune_one_shot_",
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# The knee criterion: one point of accuracy (the paper's "essential" threshold).
+DEFAULT_MAX_DROP = 0.01
 # Accuracies are ratios of counts: 0.80 - 0.79 is 0.010000000000000009 in
 # floating point, and a drop of exactly max_drop must still qualify.
 _DROP_EPS = 1e-9
@@ -77,7 +81,8 @@ def prune_one_shot_(model: nn.Module, sparsity: float, filter_fn: FilterFn | Non
 # ---------------------------------------------------------------------------
 
 
-def _check_max_drop(max_drop) -> float:
+def check_max_drop(max_drop) -> float:
+    """``max_drop`` as a float in [0, 1] (an accuracy fraction, 0.01 = 1 point); else TypeError / ValueError."""
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)):
         raise TypeError(f"max_drop must be a float (accuracy fraction, 0.01 = 1 point), got {type(max_drop).__name__}")
     if not (math.isfinite(max_drop) and 0.0 <= max_drop <= 1.0):
@@ -86,7 +91,7 @@ def _check_max_drop(max_drop) -> float:
 
 
 def find_knee(
-    sparsities: Sequence[float], accuracies: Sequence[float], dense_accuracy: float, max_drop: float = 0.01
+    sparsities: Sequence[float], accuracies: Sequence[float], dense_accuracy: float, max_drop: float = DEFAULT_MAX_DROP
 ) -> float:
     """The largest sparsity whose accuracy is >= dense_accuracy - max_drop; 0.0 if none is.
 
@@ -94,7 +99,7 @@ def find_knee(
     accuracies never qualify. Dense (sparsity 0) always qualifies, hence the
     0.0 floor.
     """
-    max_drop = _check_max_drop(max_drop)
+    max_drop = check_max_drop(max_drop)
     if len(sparsities) != len(accuracies):
         raise ValueError(f"sparsities and accuracies must have the same length, got {len(sparsities)} and {len(accuracies)}")
     knee = 0.0
@@ -164,7 +169,7 @@ def essential_sparsity_sweep(
     eval_data,
     sparsities: Sequence[float] = DEFAULT_SPARSITIES,
     *,
-    max_drop: float = 0.01,
+    max_drop: float = DEFAULT_MAX_DROP,
     filter_fn: FilterFn | None = None,
     batch_size: int = 512,
 ) -> EssentialSparsityResult:
@@ -181,7 +186,7 @@ def essential_sparsity_sweep(
     if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence) or not sparsities:
         raise ValueError(f"sparsities must be a non-empty sequence of floats in [0, 1), got {sparsities!r}")
     sparsities = [check_sparsity(s, f"sparsities[{i}]") for i, s in enumerate(sparsities)]
-    max_drop = _check_max_drop(max_drop)
+    max_drop = check_max_drop(max_drop)
     eval_fn = make_eval_fn(eval_data, batch_size)
     layers = prunable_layers(model, filter_fn)
 
