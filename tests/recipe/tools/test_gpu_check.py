@@ -276,16 +276,26 @@ def test_lotus_table_record_and_summary_finished_and_cut_short(tmp_path):
     (finished / "summary.json").write_text(json.dumps({"rows": rows, "essential_sparsity": es, "decision_split": "val", "timing": {}, "other": 1}))
     record = table_record(finished)
     assert record["finished"] and "other" not in record and record["essential_sparsity"] == es
+    assert record["dense_run"] == {"curve": [], "train_s": 0.0, "train_images_per_s": None}  # no dense/metrics.jsonl here
     assert [r["points_vs_dense"] for r in record["rows"]] == [0.0, -0.5, -1.88]
 
     cut = tmp_path / "cut"
-    for stage, lines in (("dense", [{"epoch": 5, "test_acc": 0.7}, {"epoch": 6}, {"epoch": 10, "test_acc": 0.8}]), ("tickets", [{"epoch": 1}])):
+    dense = [
+        {"epoch": 1, "epoch_time_s": 30.0, "images_per_s": 1500.0, "test_acc": 0.3},  # the first epoch compiles: not in the median
+        {"epoch": 2, "epoch_time_s": 2.0, "images_per_s": 22500.0},
+        {"epoch": 3, "epoch_time_s": 1.5, "images_per_s": 30000.0, "test_acc": 0.5},
+        {"epoch": 4, "epoch_time_s": 1.6, "images_per_s": 28000.0},
+    ]
+    for stage, lines in (("dense", dense), ("tickets", [{"epoch": 1}])):
         (cut / stage).mkdir(parents=True)
         (cut / stage / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     (cut / "essential_sparsity").mkdir()  # no metrics: not a finished epoch
     assert table_record(cut) == {
         "finished": False, "stages_with_metrics": ["dense", "tickets"],
-        "dense_curve": [{"epoch": 5, "test_acc": 0.7}, {"epoch": 10, "test_acc": 0.8}],
+        "dense_run": {
+            "curve": [{"epoch": 1, "elapsed_s": 30.0, "test_acc": 0.3}, {"epoch": 3, "elapsed_s": 33.5, "test_acc": 0.5}],
+            "train_s": 35.1, "train_images_per_s": 28000.0,
+        },
     }
 
     cases = [
@@ -296,4 +306,5 @@ def test_lotus_table_record_and_summary_finished_and_cut_short(tmp_path):
     assert "## LOTUS table on CIFAR-10" in text
     assert "| tickets + 2:4 pruning | 50% | 88.1% | 87.0% | -1.88 |" in text and "| dense | 0% | 90.0% | - | +0.00 |" in text
     assert "Essential Sparsity (val split, no fine-tuning): 10%: 90.0%, 30%: 89.3%; knee 30.0%" in text
-    assert "not finished: stages with metrics ['dense', 'tickets']; dense run: 70.0% after epoch 5, 80.0% after epoch 10" in text
+    assert ("fast-100ep: exit stopped at the step's deadline, 500.0 s wall; dense run: test accuracy against training time: "
+            "30.0% at 30 s, 50.0% at 34 s; 28000 training images/s (median epoch); not finished: stages with metrics ['dense', 'tickets']") in text
