@@ -39,6 +39,34 @@ def test_every_knob_of_the_fast_recipe_runs_on_cpu_at_toy_size(tmp_path):
     assert {"test_acc", "test_acc_no_ema", "test_acc_no_flip"} <= set(last)
 
 
+def test_the_pipeline_runs_every_knob_of_the_fast_recipe_at_toy_size(tmp_path):
+    # gpu-check's lotus-table step: the pipeline whose dense run (and so every later stage's recipe) is the
+    # fast profile's, EMA, flip TTA, mixing and the eval cadence included, at micro size on synthetic data.
+    from lotus_kernels.recipe.pipeline import PipelineConfig, run_pipeline
+
+    train_fields = {
+        **fast_recipe(), "model": "vit_micro_cifar", "dataset": "synthetic", "synthetic_train": 512, "synthetic_test": 128,
+        "holdout": 128, "batch_size": 64, "epochs": 2, "warmup_epochs": 0.5, "device": "cpu", "progress": False,
+    }
+    config = PipelineConfig(
+        train=train_fields, ticket_epochs=1, finetune_epochs=1, ingredients=2, subset_fraction=0.25, es_sparsities=(0.3, 0.5),
+        patterns=("unstructured", "2:4"), timing_batch=4,
+    )
+    summary = run_pipeline(config, tmp_path, log=lambda *a: None)
+    rows = {r["stage"]: r for r in summary["rows"]}
+    assert list(rows) == ["dense", "tickets", "random patches (control)", "tickets + unstructured pruning", "tickets + 2:4 pruning"]
+    assert all(0 <= r["acc_all_patches"] <= 1 for r in rows.values())
+    dense = [json.loads(line) for line in (tmp_path / "dense" / "metrics.jsonl").read_text().splitlines()]
+    # eval_every 5 with 2 epochs: only the last evaluates, with EMA and TTA (and the accuracy without each).
+    assert [m["test_acc"] is None for m in dense] == [True, False] and {"test_acc_no_ema", "test_acc_no_flip"} <= set(dense[-1])
+    # What the step records of such a folder.
+    from lotus_kernels.recipe.tools.gpu_check.steps import table_record
+
+    record = table_record(tmp_path)
+    assert record["finished"] and [r["stage"] for r in record["rows"]] == list(rows) and record["rows"][0]["points_vs_dense"] == 0.0
+    assert [p["epoch"] for p in record["dense_run"]["curve"]] == [2] and record["decision_split"] == "val"
+
+
 def test_profile_auto_is_fast_for_cifar10_on_cuda(monkeypatch, capsys):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     fields = cli.apply_profile("auto", {"dataset": "cifar10", "epochs": 3})
