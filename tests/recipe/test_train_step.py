@@ -16,7 +16,7 @@ from lotus_kernels.recipe.data import synthetic_dataset
 from lotus_kernels.recipe.engine import build_data, build_model, evaluate, load_checkpoint, model_from_checkpoint, train
 from lotus_kernels.recipe.engine.train_step import TrainStep, WeightEMA
 
-from test_engine import Killed, assert_same_state, kill_at, tiny, without_timing  # 512 images, batch 64: 8 steps an epoch
+from tiny_runs import Killed, assert_same_state, kill_at, tiny, without_timing  # 512 images, batch 64: 8 steps an epoch
 
 
 @pytest.fixture
