@@ -20,7 +20,10 @@ ran: 3,000-3,300 images/s on an H200); the fast profile at 512 and 1024, in
 torch.compile's default mode and with CUDA graphs (reduce-overhead), and eager
 at 512. Eval: lite and tiny at 512 eager and compiled, the fast profile (TTA)
 at 512 compiled. Target (issue 17): >= 30,000 training images/s for the fast
-profile's model on an H100/H200.
+profile's model on an H100/H200 (``bench_report.TARGETS``).
+LOTUS_BENCH_GRID=headline on CUDA (lotus gpu-check's speed-train step): the
+fast profile at 512 compiled and with CUDA graphs, the tiny baseline eager at
+128, and the fast profile's evaluation at 512 compiled.
 On a CPU: train: micro at 64 and tiny at 32, eager and compiled, the fast
 profile at 32 eager and compiled; eval: tiny at 64 eager and compiled, the
 fast profile (TTA) at 64 compiled. Minutes, mostly compilation.
@@ -38,7 +41,13 @@ from conftest import time_quantiles_ms
 from lotus_kernels.recipe.data import synthetic_dataset
 from lotus_kernels.recipe.engine import TrainConfig, evaluate, fast_recipe
 
-if CUDA:
+HEADLINE = os.environ.get("LOTUS_BENCH_GRID") == "headline"
+
+if CUDA and HEADLINE:
+    # lotus gpu-check's speed-train step: the issue's target case in both compile modes, its baseline, and evaluation.
+    TRAIN = [("vit_lite_cifar", 512, c, "fast") for c in ("compiled", "reduce-overhead")] + [("vit_tiny_cifar", 128, "eager", "preset")]
+    EVAL = [("vit_lite_cifar", 512, "compiled", "fast")]
+elif CUDA:
     TRAIN = [(m, 512, "compiled", "preset") for m in ("vit_micro_cifar", "vit_lite_cifar", "vit_tiny_cifar", "vit_small_cifar")]
     TRAIN += [("vit_tiny_cifar", 128, "eager", "preset")]
     TRAIN += [("vit_lite_cifar", b, c, "fast") for b in (512, 1024) for c in ("compiled", "reduce-overhead")]

@@ -208,7 +208,16 @@ def test_summary_reads_targets_speed_cusparselt_and_failures():
     assert "| vit_b-fc1 | forward | 1 | 1.20x | 1.70x |" in text and "| vit_b-fc2 | forward | 1 | 1.20x | 1.50x |" in text
     assert "| searched | no | crashed | 0/0 |" in text and "| torch | yes | passed | 24/24 |" in text
     assert "| tests | 1 | 1 | 0 | 1 (1) |" in text and "`tests/test_a.py::test_two` (tests): E   AssertionError: off by 3" in text
-    assert "test accuracy against training time: 71.0% at 80 s, 82.0% at 160 s; 31000 training images/s" in text
+    assert "test accuracy against training time: 71.0% at 80 s, 82.0% at 160 s; 31000 training images/s (median epoch); 90% in 300 s: fail (not reached)" in text
+
+
+def test_time_to_ninety_percent_charges_all_time_outside_the_epochs():
+    run = {"startup_s": 40.0, "curve": [{"epoch": 80, "elapsed_s": 200.0, "test_acc": 0.895}, {"epoch": 90, "elapsed_s": 255.0, "test_acc": 0.901}]}
+    assert summary.time_to_target(run) == "90% in 300 s: pass (epoch 90, at most 295 s of wall time)"
+    assert summary.time_to_target({**run, "startup_s": 50.0}) == "90% in 300 s: fail (epoch 90, at most 305 s of wall time)"
+    assert summary.time_to_target({"curve": [], "wall_s": 310.0, "returncode": 0}) == "90% in 300 s: fail (not reached)"
+    cut = {"curve": run["curve"][:1], "wall_s": 240.0, "returncode": "stopped at the step's deadline"}
+    assert summary.time_to_target(cut) == "90% in 300 s: not decided (the run stopped after 240 s)"
 
 
 def summary_deadline():

@@ -164,6 +164,7 @@ STEPS = (
     Step("cusparselt", "cuSPARSELt call configurations, each in its own process", _body("cusparselt"), min_s=20, max_s=120, after=_cusparselt_after),
     Step("speed-2to4", "2:4 linear vs cuBLAS, torch semi-structured, ours and auto", _bench("bench_semi_structured_matmul.py"), min_s=30, max_s=120),
     Step("speed-vit", "ViT-B/16 batch 256 inference and training step", _bench("bench_vit.py"), min_s=60, max_s=240),
+    Step("speed-train", "training step and evaluation images/s of the fast profile", _bench("bench_train_throughput.py"), min_s=60, max_s=240),
     Step("correctness", "fast tier: every op forward and backward", _correctness("not cusparselt"), min_s=30, max_s=180),
     Step("correctness-cusparselt", "fast tier, cuSPARSELt apart", _correctness("cusparselt", "tests/ops/test_cusparselt.py"), min_s=15, max_s=90),
     Step("tests", "the whole test suite (resumable)", _tests, min_s=60),
