@@ -13,9 +13,9 @@ deadline carved from one budget:
     cusparselt     each cuSPARSELt call configuration probed in its own process
     speed-2to4     2:4 linear vs dense, torch semi-structured, ours, "auto" (bench/, headline grid)
     speed-vit      ViT-B/16 batch 256 inference and training step, dense vs LOTUS variants
-    speed-train    the fast profile's training step (compiled, CUDA graphs) and evaluation, images/s  (bench/, headline grid)
     correctness    the fast tier: every op forward and backward, fp16/bf16 awkward shapes, fp32 once
     correctness-cusparselt   the same for cuSPARSELt, apart
+    speed-train    the fast profile's training step (compiled, CUDA graphs) and evaluation, images/s  (bench/, headline grid)
     tests          the whole test suite (resumable: --resume skips what passed)
     cifar10        the fast training profile on CIFAR-10 (when the data is there), up to the step's deadline
     lotus-table    the LOTUS pipeline on CIFAR-10 from the fast profile's dense run (dense, tickets vs random,
