@@ -317,3 +317,15 @@ def test_lotus_table_record_and_summary_finished_and_cut_short(tmp_path):
     assert "Essential Sparsity (val split, no fine-tuning): 10%: 90.0%, 30%: 89.3%; knee 30.0%" in text
     assert ("fast-100ep: exit stopped at the step's deadline, 500.0 s wall; dense run: test accuracy against training time: "
             "30.0% at 30 s, 50.0% at 34 s; 28000 training images/s (median epoch); not finished: stages with metrics ['dense', 'tickets']") in text
+
+
+def test_throughput_groups_are_shown_in_images_per_s():
+    cases = [
+        {"group": "train_throughput_train_step", "name": f"bench_train_throughput[{p}]", "provider": p, "p50_ms": ms, "images_per_s": 512 / ms * 1e3,
+         "pct_of_peak": pct, "model": "vit_lite_cifar", "recipe": "fast", "batch": 512, "compile": p[10:], "device": "NVIDIA H200"}
+        for p, ms, pct in (("fast-b512-compiled", 17.0, 4.9), ("fast-b512-reduce-overhead", 15.0, None))
+    ]
+    text = summary.render({"cases": cases, "steps": []})
+    assert "| case | images/s | p50 ms | % of measured peak |" in text
+    assert "| fast-b512-compiled | 30,118 | 17 | 4.9 |" in text and "| fast-b512-reduce-overhead | 34,133 | 15 | - |" in text
+    assert "fast profile reduce-overhead: 34,133 images/s (NVIDIA H200)" in text  # and the target reads them

@@ -97,6 +97,9 @@ def _speed(rows: list[dict]) -> list[str]:
     for row in rows:
         groups[row["group"]].append(row)
     for group, members in groups.items():
+        if not any(_num(r.get("speedup_vs_dense")) for r in members) and any(_num(r.get("images_per_s")) for r in members):
+            lines += _rates(group, members)
+            continue
         providers = list(dict.fromkeys(str(r.get("provider", "-")) for r in members))
         table: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
         for row in members:
@@ -122,7 +125,19 @@ def _speed(rows: list[dict]) -> list[str]:
             dense = f"{dense_ms:.3g}" if _num(dense_ms) else "-"
             lines.append(f"| {_esc(case)} | {mode} | {dense} | " + " | ".join(cells) + " |")
     if lines:
-        lines = ["", "## Speed (speedup vs dense of the same case, same run)", *lines]
+        lines = ["", "## Speed (speedup vs dense of the same case, same run; images/s where there is no dense case)", *lines]
+    return lines
+
+
+def _rates(group: str, members: list[dict]) -> list[str]:
+    """A group measured in images/s with no dense baseline (the training throughput benchmark): one line per case."""
+    lines = ["", f"### {group}", "", "| case | images/s | p50 ms | % of measured peak |", "|---|---|---|---|"]
+    for row in members:
+        rate, pct = row.get("images_per_s"), row.get("pct_of_peak")
+        lines.append(
+            f"| {_esc(row.get('provider', row.get('name', '-')))} | {f'{rate:,.0f}' if _num(rate) else '-'} | "
+            f"{row['p50_ms']:.3g} | {f'{pct:.1f}' if _num(pct) else '-'} |"
+        )
     return lines
 
 
