@@ -12,7 +12,7 @@
     lotus ablate  (--from PIPELINE_RUN | --config FILE | --demo) [--variants NAME ...] [--set key=value ...] [--out DIR]
     lotus tickets --checkpoint DENSE.pt [--keep-ratio 0.5] [--mode online|fixed|random] [--epochs N] [--out DIR] [--resume | --overwrite]
     lotus prune   --checkpoint DENSE.pt --out DIR [--method instant-soup|one-shot|essential] [--sparsity 0.5]
-                  [--pattern unstructured|2:4|block] [--block-size 32] [--max-drop 0.01] [--ingredients 5]
+                  [--pattern unstructured|2:4|block] [--block-size 32] [--es-max-drop 0.01] [--ingredients 5]
                   [--isp-epochs 1] [--isp-lr 1e-4] [--set key=value ...] [--overwrite]
     lotus finetune --checkpoint PRUNED.pt --out DIR [--epochs 5] [--lr LR]
                   [--keep-ratio R [--mode online|fixed --selector DENSE.pt | --mode random]] [--set key=value ...] [--overwrite]
@@ -331,7 +331,7 @@ def _prune(args) -> int:
 
     # The sweep's and Instant Soup's settings the user left out take prune_checkpoint's defaults (the recipe's, kept once).
     given = {
-        "es_sparsities": args.es_sparsities, "max_drop": args.max_drop, "ingredients": args.ingredients, "subset_fraction": args.subset_fraction,
+        "es_sparsities": args.es_sparsities, "es_max_drop": args.es_max_drop, "ingredients": args.ingredients, "subset_fraction": args.subset_fraction,
         "prune_step": args.prune_step, "vote_threshold": args.vote_threshold, "ingredient_epochs": args.isp_epochs, "isp_lr": args.isp_lr,
     }
     result = prune_checkpoint(
@@ -500,7 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--pattern", default="unstructured", help="unstructured (default) | 2:4 (needs --sparsity 0.5) | block")
     prune.add_argument("--block-size", type=int, default=32, help="block pattern: square blocks of this side (default 32)")
     prune.add_argument("--es-sparsities", type=float, nargs="+", default=None, metavar="S", help="Essential Sparsity sweep grid (default 0.1 ... 0.9)")
-    prune.add_argument("--max-drop", type=float, default=None, help="knee: largest sparsity within this accuracy fraction of dense (default 0.01)")
+    prune.add_argument(
+        "--es-max-drop", "--max-drop", type=float, default=None,
+        help="knee: largest sparsity within this accuracy fraction of dense (default 0.01; --max-drop: its old name)",
+    )
     prune.add_argument("--ingredients", type=int, default=None, help="ISP ingredients per round (default 5)")
     prune.add_argument("--subset-fraction", type=float, default=None, help="ISP: each ingredient's share of the training set (default 0.1)")
     prune.add_argument("--prune-step", type=float, default=None, help="ISP: fraction of the kept weights pruned per round (default 0.1)")

@@ -326,7 +326,7 @@ def prune_checkpoint(
     pattern: str = "unstructured",
     block_size: int = 32,
     es_sparsities=DEFAULT_SPARSITIES,
-    max_drop: float = DEFAULT_MAX_DROP,
+    es_max_drop: float = DEFAULT_MAX_DROP,
     ingredients: int = InstantSoupStage.ingredients,
     subset_fraction: float = InstantSoupStage.subset_fraction,
     prune_step: float = InstantSoupStage.prune_step,
@@ -347,7 +347,7 @@ def prune_checkpoint(
         for "essential" ``sparsity`` is the sweep's upper bound).
     sparsity: in [0, 1); pattern "2:4" needs exactly 0.5.
     pattern: "unstructured" | "2:4" | "block" (square blocks of ``block_size``).
-    es_sparsities, max_drop: the Essential Sparsity sweep's grid and knee
+    es_sparsities, es_max_drop: the Essential Sparsity sweep's grid and knee
         criterion (accuracy fraction, 0.01 = 1 point); used by "essential",
         and by "instant-soup" with isp_start="knee".
     ingredients, subset_fraction, prune_step, vote_threshold, ingredient_epochs,
@@ -362,7 +362,7 @@ def prune_checkpoint(
     arguments = {
         "checkpoint": str(checkpoint), "out_dir": str(out_dir), "method": method, "sparsity": sparsity, "pattern": pattern,
         "block_size": block_size, "es_sparsities": list(es_sparsities) if isinstance(es_sparsities, (list, tuple)) else es_sparsities,
-        "max_drop": max_drop, "ingredients": ingredients, "subset_fraction": subset_fraction, "prune_step": prune_step,
+        "es_max_drop": es_max_drop, "ingredients": ingredients, "subset_fraction": subset_fraction, "prune_step": prune_step,
         "vote_threshold": vote_threshold, "ingredient_epochs": ingredient_epochs, "isp_lr": isp_lr, "isp_start": isp_start,
         "overrides": overrides,
     }
@@ -376,7 +376,7 @@ def prune_checkpoint(
     if isinstance(es_sparsities, (str, bytes)) or not isinstance(es_sparsities, (list, tuple)) or not es_sparsities:
         raise ValueError(f"es_sparsities must be a non-empty list of sparsities in [0, 1), got {es_sparsities!r}")
     es_sparsities = [check_sparsity(s, "es_sparsities") for s in es_sparsities]
-    max_drop = check_max_drop(max_drop)
+    es_max_drop = check_max_drop(es_max_drop, "es_max_drop")
     _check_choice(isp_start, "isp_start", ISP_STARTS)
     isp = InstantSoupStage(
         sparsity, ingredients=ingredients, subset_fraction=subset_fraction, prune_step=prune_step, vote_threshold=vote_threshold,
@@ -423,7 +423,7 @@ def prune_checkpoint(
     plots = []
     es = None
     if method == "essential" or (method == "instant-soup" and isp_start == "knee"):
-        es = essential_sparsity_sweep(model, eval_fn, _sweep_points(es_sparsities, sparsity), max_drop=max_drop)
+        es = essential_sparsity_sweep(model, eval_fn, _sweep_points(es_sparsities, sparsity), max_drop=es_max_drop)
         plot = plot_essential_sparsity(es, out / "essential_sparsity.png", f"Essential Sparsity ({config.model}, {config.dataset})", split=split)
         plots.append(plot.name)
         result["essential_sparsity"] = {
@@ -431,7 +431,7 @@ def prune_checkpoint(
             "curve": [[s, a] for s, a in zip(es.sparsities, es.accuracies)], "pruned_counts": es.pruned_counts,
             "num_prunable": es.num_prunable,
         }
-        log(f"  Essential Sparsity: knee {es.knee:.2f} (dense {es.dense_accuracy:.4f}, max drop {max_drop})")
+        log(f"  Essential Sparsity: knee {es.knee:.2f} (dense {es.dense_accuracy:.4f}, max drop {es_max_drop})")
     if method == "one-shot":
         masks = one_shot_masks(model, sparsity)
         mask_sparsity = sparsity

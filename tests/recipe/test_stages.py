@@ -111,7 +111,7 @@ def test_essential_prunes_at_the_knee_of_a_sweep_capped_by_sparsity(dense, tmp_p
     assert result["pruned"] == num_pruned(result["prunable"], es["knee"]) and result["mask_sparsity"] == es["knee"]
     assert (tmp_path / "essential_sparsity.png").read_bytes()[:4] == b"\x89PNG"
     # Any drop allowed: the knee is the cap.
-    loose = stages.prune_checkpoint(dense, tmp_path / "loose", method="essential", sparsity=0.6, max_drop=1.0, **QUIET)
+    loose = stages.prune_checkpoint(dense, tmp_path / "loose", method="essential", sparsity=0.6, es_max_drop=1.0, **QUIET)
     assert loose["essential_sparsity"]["knee"] == 0.6 and loose["pruned"] == num_pruned(loose["prunable"], 0.6)
     assert engine.load_checkpoint(tmp_path / "loose" / "pruned.pt")["extra"]["pruning"]["knee"] == 0.6
 
@@ -231,7 +231,8 @@ def _no_work(monkeypatch):
         (["--ingredients", "0"], "ingredients"),
         (["--vote-threshold", "9"], "vote_threshold"),
         (["--isp-lr", "0"], "lr must be > 0"),
-        (["--max-drop", "2"], "max_drop"),
+        (["--max-drop", "2"], "es_max_drop must be in"),
+        (["--es-max-drop", "-1"], "es_max_drop must be in"),
         (["--isp-start", "middle"], "isp_start"),
         (["--set", "no_such_field=1"], "unknown config keys"),
         (["--checkpoint", "MISSING"], "does not exist"),

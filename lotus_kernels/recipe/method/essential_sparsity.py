@@ -81,12 +81,12 @@ def prune_one_shot_(model: nn.Module, sparsity: float, filter_fn: FilterFn | Non
 # ---------------------------------------------------------------------------
 
 
-def check_max_drop(max_drop) -> float:
-    """``max_drop`` as a float in [0, 1] (an accuracy fraction, 0.01 = 1 point); else TypeError / ValueError."""
+def check_max_drop(max_drop, name: str = "max_drop") -> float:
+    """``max_drop`` as a float in [0, 1] (an accuracy fraction, 0.01 = 1 point); else TypeError / ValueError naming ``name``."""
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)):
-        raise TypeError(f"max_drop must be a float (accuracy fraction, 0.01 = 1 point), got {type(max_drop).__name__}")
+        raise TypeError(f"{name} must be a float (accuracy fraction, 0.01 = 1 point), got {type(max_drop).__name__}")
     if not (math.isfinite(max_drop) and 0.0 <= max_drop <= 1.0):
-        raise ValueError(f"max_drop must be in [0, 1] (accuracy fraction, 0.01 = 1 point), got {max_drop!r}")
+        raise ValueError(f"{name} must be in [0, 1] (accuracy fraction, 0.01 = 1 point), got {max_drop!r}")
     return float(max_drop)
 
 
