@@ -337,7 +337,7 @@ def test_bad_arguments(tmp_path, png_folder, cache):
         load_cifar10(123, cache_dir=cache)
     with pytest.raises(TypeError, match="cache_dir"):
         load_cifar10(root, cache_dir=3)
-    with pytest.raises(ValueError, match="num_workers must be >= 1"):
+    with pytest.raises(ValueError, match="num_workers must be an int >= 1, got 0"):
         load_cifar10(root, num_workers=0, cache_dir=cache)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a CIFAR-10 directory"):
@@ -501,7 +501,7 @@ def test_synthetic_classes_are_separable(synth):
 
 
 def test_synthetic_bad_arguments():
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         synthetic_dataset(0)
     with pytest.raises(TypeError, match="n must be an int"):
         synthetic_dataset(10.0)
@@ -669,7 +669,7 @@ def test_loader_on_synthetic_uses_its_stats(synth):
 
 def test_loader_bad_arguments():
     ds = tiny_set(10)
-    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         DeviceLoader(ds, 0)
     with pytest.raises(TypeError, match="batch_size must be an int"):
         DeviceLoader(ds, 2.0)
@@ -677,7 +677,7 @@ def test_loader_bad_arguments():
         DeviceLoader(ds.images, 2)
     with pytest.raises(ValueError, match="rank must be < world_size"):
         DeviceLoader(ds, 2, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="world_size must be >= 1"):
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
         DeviceLoader(ds, 2, world_size=0)
     with pytest.raises(TypeError, match="shuffle must be a bool"):
         DeviceLoader(ds, 2, shuffle=1)
@@ -685,7 +685,7 @@ def test_loader_bad_arguments():
         DeviceLoader(ds, 6, drop_last=True, world_size=2)
     with pytest.raises(ValueError, match="std must be positive"):
         DeviceLoader(ds, 2, std=(1, 1, 0))
-    with pytest.raises(ValueError, match="epoch must be >= 0"):
+    with pytest.raises(ValueError, match="epoch must be an int >= 0, got -1"):
         DeviceLoader(ds, 2).set_epoch(-1)
     with pytest.raises(ValueError, match="offsets must be"):
         crop_flip(ds.images[:2], torch.zeros(3, 2, dtype=torch.int64), torch.zeros(2, dtype=torch.bool), 4)

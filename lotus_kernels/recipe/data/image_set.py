@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..checks import check_int
 from ..seeding import derive_seed
 
 SPLITS = ("train", "test")
@@ -24,15 +25,6 @@ IMAGE_SIZE = 32
 # ---------------------------------------------------------------------------
 # argument checks (shared by the data modules)
 # ---------------------------------------------------------------------------
-
-
-def check_int(value, name: str, minimum: int | None = None) -> int:
-    """``value`` if it is an int (not a bool) >= ``minimum``; else TypeError / ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
 
 
 def check_split(split) -> str:

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .image_set import ImageSet, check_int, check_triple, describe, seeded_generator
+from ..checks import check_int
+from .image_set import ImageSet, check_triple, describe, seeded_generator
 
 # ---------------------------------------------------------------------------
 # batching and augmentation

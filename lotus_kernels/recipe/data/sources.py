@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .image_set import IMAGE_SIZE, SPLITS, ImageSet, check_int, check_split
+from ..checks import check_int
+from .image_set import IMAGE_SIZE, SPLITS, ImageSet, check_split
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

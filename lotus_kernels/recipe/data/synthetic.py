@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from .image_set import IMAGE_SIZE, ImageSet, check_int, check_split, seeded_generator
+from ..checks import check_int
+from .image_set import IMAGE_SIZE, ImageSet, check_split, seeded_generator
 
 SYNTHETIC_CLASSES = (
     "disc",

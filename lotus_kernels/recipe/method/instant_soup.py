@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..checks import check_fraction, check_int
 from ..data import ImageSet
 from ..engine.config import Config
 from ..engine.devices import AMP_MODES
@@ -83,25 +84,6 @@ TrainFn = Callable[[nn.Module, ImageSet, "dict[str, torch.Tensor]"], None]
 # ---------------------------------------------------------------------------
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_fraction(value, name: str, low: float, high: float, low_open: bool, high_open: bool) -> float:
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in {interval}, got {type(value).__name__} {value!r}")
-    value = float(value)
-    inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-    if not inside:  # also NaN
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return value
-
-
 @dataclasses.dataclass
 class InstantSoupConfig(Config):
     """What decides an Instant Soup Pruning run; validated on construction (nothing trains before that).
@@ -138,9 +120,9 @@ class InstantSoupConfig(Config):
 
     def __post_init__(self):
         self.target_sparsity = check_sparsity(self.target_sparsity, "target_sparsity")
-        _check_int(self.ingredients, "ingredients", 1)
-        self.subset_fraction = _check_fraction(self.subset_fraction, "subset_fraction", 0, 1, True, False)
-        self.prune_step = _check_fraction(self.prune_step, "prune_step", 0, 1, True, True)
+        check_int(self.ingredients, "ingredients", 1)
+        self.subset_fraction = check_fraction(self.subset_fraction, "subset_fraction", 0, 1, True, False)
+        self.prune_step = check_fraction(self.prune_step, "prune_step", 0, 1, True, True)
         if isinstance(self.vote_threshold, bool) or not isinstance(self.vote_threshold, int):
             raise TypeError(
                 f"vote_threshold must be an int in [1, ingredients={self.ingredients}], "
@@ -151,12 +133,12 @@ class InstantSoupConfig(Config):
                 f"vote_threshold must be in [1, ingredients={self.ingredients}] "
                 f"(1 = union, {self.ingredients} = intersection), got {self.vote_threshold!r}"
             )
-        self.tolerance = _check_fraction(self.tolerance, "tolerance", 0, 1, False, True)
-        _check_int(self.max_rounds, "max_rounds", 1)
-        self.main_fraction = _check_fraction(self.main_fraction, "main_fraction", 0, 1, False, False)
+        self.tolerance = check_fraction(self.tolerance, "tolerance", 0, 1, False, True)
+        check_int(self.max_rounds, "max_rounds", 1)
+        self.main_fraction = check_fraction(self.main_fraction, "main_fraction", 0, 1, False, False)
         if not isinstance(self.finetune, bool):
             raise TypeError(f"finetune must be a bool, got {type(self.finetune).__name__} {self.finetune!r}")
-        _check_int(self.seed, "seed", 0)
+        check_int(self.seed, "seed", 0)
 
 
 # ---------------------------------------------------------------------------
@@ -296,9 +278,9 @@ def ingredient_subsets(n: int, ingredients: int, fraction: float, seed: int = 0,
     window starting at k * n // K. The windows are disjoint whenever
     K * size <= n, and otherwise overlap as little as the sizes allow.
     """
-    _check_int(n, "n", 1)
-    _check_int(ingredients, "ingredients", 1)
-    fraction = _check_fraction(fraction, "fraction", 0, 1, True, False)
+    check_int(n, "n", 1)
+    check_int(ingredients, "ingredients", 1)
+    fraction = check_fraction(fraction, "fraction", 0, 1, True, False)
     size = min(n, max(1, round(fraction * n)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("isp-subsets", seed, round_index)))
     subsets = []
@@ -362,9 +344,9 @@ def make_train_fn(
     (``tickets.ticket_hooks``), so the ingredients learn, and then prune, on
     the patches the model will see.
     """
-    _check_int(epochs, "epochs", 1)
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(seed, "seed", 0)
+    check_int(epochs, "epochs", 1)
+    check_int(batch_size, "batch_size", 1)
+    check_int(seed, "seed", 0)
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -373,8 +355,8 @@ def make_train_fn(
     min_lr = float(lr) if min_lr is None else min_lr
     if not (isinstance(min_lr, (int, float)) and 0 <= min_lr <= lr):
         raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr!r}")
-    _check_fraction(warmup_fraction, "warmup_fraction", 0, 1, False, False)
-    _check_fraction(label_smoothing, "label_smoothing", 0, 1, False, True)
+    check_fraction(warmup_fraction, "warmup_fraction", 0, 1, False, False)
+    check_fraction(label_smoothing, "label_smoothing", 0, 1, False, True)
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
     if not isinstance(augment, bool):
