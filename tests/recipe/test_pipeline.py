@@ -46,6 +46,19 @@ def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_every_stage_trains_compiled(tmp_path):
+    # What compile="auto" does on CUDA, forced here: the dense run, the ticket students' hooked forward (the
+    # frozen selector inside), Instant Soup's ingredients and the fine-tuning with masks held all go through
+    # torch.compile. compile=True raises where "auto" would fall back to eager, so a stage dynamo cannot
+    # trace fails here instead of running slowly on a GPU. (About a minute on 2 cores, mostly compiling.)
+    train = {**TINY["train"], "epochs": 1, "synthetic_train": 256, "synthetic_test": 128, "holdout": 64, "compile": True}
+    config = PipelineConfig(**{**TINY, "train": train, "es_sparsities": (0.3, 0.5)})
+    summary = run_pipeline(config, tmp_path, log=lambda *a: None)
+    assert [r["stage"] for r in summary["rows"]][-2:] == ["tickets + unstructured pruning", "tickets + 2:4 pruning"]
+    for stage in ("dense", "tickets", "random"):
+        assert json.loads((tmp_path / stage / "config.json").read_text())["compile"] is True, stage
+
+
 def test_resume_skips_finished_stages_and_redoes_only_what_is_missing(tmp_path):
     import shutil
 
