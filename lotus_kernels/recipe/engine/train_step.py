@@ -58,6 +58,8 @@ def check_compile(compile, compile_mode: str) -> None:
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+
+
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 

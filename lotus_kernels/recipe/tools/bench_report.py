@@ -205,7 +205,8 @@ def rows_of(docs: Iterable[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
+def fmt(value, spec: str, suffix: str = "") -> str:
+    """``value`` formatted by ``spec`` (+ ``suffix``), or "-" when it is not a finite number (a missing measurement)."""
     return f"{value:{spec}}{suffix}" if _is_number(value) else "-"
 
 
@@ -220,7 +221,7 @@ def _source_lines(docs: Sequence[dict]) -> list[str]:
         versions = first.get("versions") or {}
         commit = doc.get("commit_info") or {}
         commit_id = (commit.get("id") or first.get("git_commit") or "-")[:12] + (" (dirty)" if commit.get("dirty") else "")
-        peak = f"{_fmt(first.get('peak_tflops'), '.3g')} TFLOP/s ({first.get('peak_op', '-')})" if "peak_tflops" in first else "-"
+        peak = f"{fmt(first.get('peak_tflops'), '.3g')} TFLOP/s ({first.get('peak_op', '-')})" if "peak_tflops" in first else "-"
         lines.append(
             f"| {_escape(doc.get('_path', '-'))} | {_escape(', '.join(devices_of(doc)))} | {doc.get('datetime') or first.get('date') or '-'} "
             f"| {commit_id} | {versions.get('torch', '-')} | {versions.get('triton', '-')} | {_escape(peak)} |"
@@ -248,13 +249,13 @@ def markdown_tables(rows: Sequence[dict]) -> list[str]:
             cells = [
                 f"`{_escape(r['name'])}`",
                 _escape(r["device"]),
-                _fmt(r["p50_ms"], ".4g"),
-                _fmt(r.get("speedup_vs_dense"), ".2f", "x"),
-                _fmt(r.get("useful_tflops"), ".3g"),
-                _fmt(r.get("pct_of_peak"), ".1f"),
+                fmt(r["p50_ms"], ".4g"),
+                fmt(r.get("speedup_vs_dense"), ".2f", "x"),
+                fmt(r.get("useful_tflops"), ".3g"),
+                fmt(r.get("pct_of_peak"), ".1f"),
             ]
             if e2e:
-                cells += [_fmt(r.get("images_per_s"), ".4g"), _fmt(r.get("peak_memory_mib"), ".0f")]
+                cells += [fmt(r.get("images_per_s"), ".4g"), fmt(r.get("peak_memory_mib"), ".0f")]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -445,7 +446,7 @@ def target_lines(rows: Sequence[dict], targets: Sequence[Target] = TARGETS) -> l
         status, deciding = evaluate_target(target, rows)
         measured = "; ".join(
             f"{_case_label(target, label, r)}: {_value(target, speedup)} ("
-            + (f"{_fmt(r['images_per_s'], '.4g')} images/s, " if _is_number(r.get("images_per_s")) and target.versus != "images_per_s" else "")
+            + (f"{fmt(r['images_per_s'], '.4g')} images/s, " if _is_number(r.get("images_per_s")) and target.versus != "images_per_s" else "")
             + f"{r['device']})"
             for label, r, speedup in deciding
         ) or "-"
@@ -672,7 +673,7 @@ class Comparison:
         ]
         for r in self.rows:
             change = f"{r['change']:+.1%}" if r["change"] is not None else "-"
-            lines.append(f"| {r['name']:<60} | {_fmt(r['old_ms'], '.4g'):>10} | {_fmt(r['new_ms'], '.4g'):>10} | {change:>8} | {r['status']} |")
+            lines.append(f"| {r['name']:<60} | {fmt(r['old_ms'], '.4g'):>10} | {fmt(r['new_ms'], '.4g'):>10} | {change:>8} | {r['status']} |")
         compared = sum(1 for r in self.rows if r["change"] is not None)
         regressions = self.regressions
         lines += ["", f"{compared} benchmarks compared, {len(regressions)} regression(s)" + (": " + ", ".join(regressions) if regressions else "")]

@@ -15,6 +15,7 @@ import re
 from collections import Counter, defaultdict
 
 from .. import bench_report
+from ..bench_report import fmt
 
 MAX_FAILURES_LISTED = 25
 _NOT_BENCH = ("env", "cusparselt_probe", "cusparselt_config", "cifar10", "lotus_table")
@@ -22,11 +23,6 @@ _NOT_BENCH = ("env", "cusparselt_probe", "cusparselt_config", "cifar10", "lotus_
 
 def _num(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _seconds(value) -> str:
-    """'480 s' (a document written by a crashed run may lack the number: '-')."""
-    return f"{value:.0f} s" if _num(value) else "-"
 
 
 def _esc(text) -> str:
@@ -49,7 +45,7 @@ def _header(doc: dict) -> list[str]:
     lines = [f"# lotus gpu-check: {env.get('device', doc.get('device_kind', 'unknown device'))}", ""]
     lines.append(
         f"{env.get('date', doc.get('started', '-'))}; torch {versions.get('torch', '-')}, triton {versions.get('triton', '-')}, "
-        f"lotus_kernels {versions.get('lotus_kernels', '-')}; budget {_seconds(doc.get('budget_s'))}, used {_seconds(doc.get('elapsed_s'))}; "
+        f"lotus_kernels {versions.get('lotus_kernels', '-')}; budget {fmt(doc.get('budget_s'), '.0f', ' s')}, used {fmt(doc.get('elapsed_s'), '.0f', ' s')}; "
         f"`{_esc(doc.get('command', ''))}`"
     )
     peaks = {c.get("name"): c for c in doc.get("cases", []) if c.get("group") == "env"}
@@ -133,10 +129,9 @@ def _rates(group: str, members: list[dict]) -> list[str]:
     """A group measured in images/s with no dense baseline (the training throughput benchmark): one line per case."""
     lines = ["", f"### {group}", "", "| case | images/s | p50 ms | % of measured peak |", "|---|---|---|---|"]
     for row in members:
-        rate, pct = row.get("images_per_s"), row.get("pct_of_peak")
         lines.append(
-            f"| {_esc(row.get('provider', row.get('name', '-')))} | {f'{rate:,.0f}' if _num(rate) else '-'} | "
-            f"{row['p50_ms']:.3g} | {f'{pct:.1f}' if _num(pct) else '-'} |"
+            f"| {_esc(row.get('provider', row.get('name', '-')))} | {fmt(row.get('images_per_s'), ',.0f')} | "
+            f"{row['p50_ms']:.3g} | {fmt(row.get('pct_of_peak'), '.1f')} |"
         )
     return lines
 
@@ -233,10 +228,6 @@ def _training(cases: list[dict]) -> list[str]:
     return ["", "## CIFAR-10 training", "", *lines] if lines else []
 
 
-def _pct(value) -> str:
-    return f"{value * 100:.1f}%" if _num(value) else "-"
-
-
 def _lotus_table(cases: list[dict]) -> list[str]:
     lines = []
     for run in (c for c in cases if c.get("group") == "lotus_table"):
@@ -246,12 +237,11 @@ def _lotus_table(cases: list[dict]) -> list[str]:
             continue
         lines += ["", "| stage | sparsity | all patches | on its kept patches | vs dense (points) |", "|---|---|---|---|---|"]
         for r in run.get("rows") or []:
-            sparsity = f"{r['sparsity']:.0%}" if _num(r.get("sparsity")) else "-"
-            points = f"{r['points_vs_dense']:+.2f}" if _num(r.get("points_vs_dense")) else "-"
-            lines.append(f"| {_esc(r.get('stage'))} | {sparsity} | {_pct(r.get('acc_all_patches'))} | {_pct(r.get('acc_tickets'))} | {points} |")
+            cells = (fmt(r.get("sparsity"), ".0%"), fmt(r.get("acc_all_patches"), ".1%"), fmt(r.get("acc_tickets"), ".1%"), fmt(r.get("points_vs_dense"), "+.2f"))
+            lines.append(f"| {_esc(r.get('stage'))} | " + " | ".join(cells) + " |")
         es = run.get("essential_sparsity") or {}
-        curve = ", ".join(f"{float(s):.0%}: {_pct(a)}" for s, a in (es.get("curve") or {}).items())
-        lines += ["", f"Essential Sparsity ({run.get('decision_split', 'val')} split, no fine-tuning): {curve or '-'}; knee {_pct(es.get('knee'))}", ""]
+        curve = ", ".join(f"{float(s):.0%}: {fmt(a, '.1%')}" for s, a in (es.get("curve") or {}).items())
+        lines += ["", f"Essential Sparsity ({run.get('decision_split', 'val')} split, no fine-tuning): {curve or '-'}; knee {fmt(es.get('knee'), '.1%')}", ""]
     return ["", "## LOTUS table on CIFAR-10", "", *lines] if lines else []
 
 
